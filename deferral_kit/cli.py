@@ -1,0 +1,180 @@
+"""The ``deferral-kit`` command: parse, rates, sample, report, incidents, schema.
+
+Each subcommand is registered by one ``_add_<name>`` function below; the work itself is
+done by library functions so notebooks and the CLI give the same numbers.
+Exit status: 0 on success, 2 on bad input or usage (the message says which file and why),
+1 on any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from . import schema
+from .sources import InputError
+
+
+class UsageError(Exception):
+    """Bad arguments or input: reported on stderr, exit status 2."""
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="auto", help="log format, or auto to detect each file from its content (default: auto)")
+    p.add_argument("--tz", default="UTC", help="time zone of timestamps written without an offset (syslog, Exim), e.g. Europe/Berlin (default: UTC)")
+    p.add_argument("--year", type=int, default=None, help="year of year-less syslog timestamps (default: inferred from each file's modification time)")
+    p.add_argument("--keep-duplicates", action="store_true", help="do not drop lines identical to one already read from another file")
+
+
+def read_input(inputs: list[str], args: argparse.Namespace, *, quiet: bool = False):
+    """Attempts (and the Load, for logs) from log files or canonical Parquet files."""
+    from .loaders import Load, LoadOptions, load
+
+    if inputs and all(str(p).endswith(".parquet") for p in inputs):
+        for p in inputs:
+            if not Path(p).exists():
+                raise InputError(f"{p}: no such file or directory")
+        lf = pl.scan_parquet(inputs)
+        try:
+            schema.validate(lf)
+        except schema.SchemaError as exc:
+            raise InputError(f"{', '.join(inputs)}: not a deferral_kit attempts table ({exc})") from exc
+        return Load(attempts=lf)
+    opts = LoadOptions(tz=args.tz, year=args.year, dedupe=not getattr(args, "keep_duplicates", False))
+    return load(inputs, format=args.format, options=opts)
+
+
+# --- parse ---------------------------------------------------------------------------------
+
+def _add_parse(sub) -> None:
+    p = sub.add_parser("parse", help="parse logs into the canonical attempts table (Parquet) and print the line accounting")
+    p.add_argument("inputs", nargs="+", metavar="LOG", help="log files, directories or globs (.gz/.zst read transparently)")
+    _add_input_options(p)
+    p.add_argument("--out", required=True, help="attempts Parquet file to write; connection events go next to it as <name>.connections.parquet")
+    p.set_defaults(func=_cmd_parse)
+
+
+def _cmd_parse(args) -> int:
+    res = read_input(args.inputs, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    conn_out = out.with_name(out.stem + ".connections.parquet")
+    tmp, ctmp = out.with_suffix(".parquet.part"), conn_out.with_suffix(".parquet.part")
+    pl.collect_all([res.attempts.sink_parquet(tmp, lazy=True), res.connections.sink_parquet(ctmp, lazy=True)])
+    tmp.replace(out)
+    ctmp.replace(conn_out)
+    n_att = pl.scan_parquet(out).select(pl.len()).collect().item()
+    n_conn = pl.scan_parquet(conn_out).select(pl.len()).collect().item()
+    print(res.accounting.to_text())
+    print(f"attempts: {n_att:,} -> {out}")
+    print(f"connection events: {n_conn:,} -> {conn_out}")
+    if n_att == 0:
+        print(f"error: no delivery attempts found in {', '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --- rates ---------------------------------------------------------------------------------
+
+def _add_rates(sub) -> None:
+    p = sub.add_parser("rates", help="rate of a response per 10,000 attempts, grouped and bucketed, with 95%% Wilson intervals and bands")
+    p.add_argument("inputs", nargs="+", metavar="LOG-or-PARQUET")
+    _add_input_options(p)
+    p.add_argument("--by", default="recipient_domain", help="comma-separated grouping columns, e.g. recipient_domain,mx_host (default: recipient_domain); 'provider' is derived from mx_host")
+    p.add_argument("--bucket", default=None, help="time bucket such as 5m, 1h, 1d (default: whole period)")
+    p.add_argument("--code", type=int, default=452, help="SMTP reply code to count (default: 452)")
+    p.add_argument("--enhanced", default="4.3.1", help="enhanced status code to count; '' for any (default: 4.3.1)")
+    p.add_argument("--class", dest="response_class", default=None, help="count a response class instead of a code (e.g. capacity, rate_limit)")
+    p.add_argument("--bands", default=None, help="YAML file overriding the threshold bands")
+    p.add_argument("--top", type=int, default=30, help="rows to print (default: 30); ignored with --csv")
+    p.add_argument("--csv", action="store_true", help="print all rows as CSV")
+    p.set_defaults(func=_cmd_rates)
+
+
+def _cmd_rates(args) -> int:
+    from . import metrics
+
+    res = read_input(args.inputs, args)
+    by = [c.strip() for c in args.by.split(",") if c.strip()]
+    table = metrics.rates_table(
+        res.attempts,
+        by=by,
+        bucket=args.bucket,
+        code=args.code,
+        enhanced=args.enhanced or None,
+        response_class=args.response_class,
+        bands=metrics.load_bands(args.bands) if args.bands else None,
+    ).collect()
+    if table.height == 0:
+        print(f"error: no delivery attempts against a remote host in {', '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    if args.csv:
+        sys.stdout.write(table.write_csv())
+    else:
+        with pl.Config(tbl_rows=args.top, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=60):
+            print(table.head(args.top))
+        if table.height > args.top:
+            print(f"({table.height - args.top:,} more rows; --csv for all)")
+    return 0
+
+
+# --- sample --------------------------------------------------------------------------------
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="write a realistic generated log (with its known truth) for demos, tests and benchmarks")
+    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--format", default="postfix", help="log format to write (default: postfix)")
+    p.add_argument("--messages-per-day", type=int, default=None, help="volume (default: the generator's)")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(args) -> int:
+    from . import sample
+
+    return sample.cli(args)
+
+
+# --- schema --------------------------------------------------------------------------------
+
+def _add_schema(sub) -> None:
+    p = sub.add_parser("schema", help="print the canonical attempts and connection-event columns")
+    p.set_defaults(func=lambda args: print("attempts\n\n" + schema.describe(schema.ATTEMPT_COLUMNS) + "\n\nconnection events\n\n" + schema.describe(schema.CONNECTION_COLUMNS)) or 0)
+
+
+# --- report / incidents are registered by their modules' owners below ------------------------
+
+def _add_report(sub) -> None:
+    pass
+
+
+def _add_incidents(sub) -> None:
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deferral-kit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_parse, _add_rates, _add_sample, _add_report, _add_incidents, _add_schema):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, UsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
