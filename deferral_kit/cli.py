@@ -27,6 +27,7 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tz", default="UTC", help="time zone of timestamps written without an offset (syslog, Exim), e.g. Europe/Berlin (default: UTC)")
     p.add_argument("--year", type=int, default=None, help="year of year-less syslog timestamps (default: inferred from each file's modification time)")
     p.add_argument("--keep-duplicates", action="store_true", help="do not drop lines identical to one already read from another file")
+    p.add_argument("--mapping", default=None, metavar="FILE", help="YAML column mapping for --format generic (CSV / JSON lines from in-house pipelines); implies --format generic when --format is auto")
 
 
 def read_input(inputs: list[str], args: argparse.Namespace, *, quiet: bool = False):
@@ -43,8 +44,14 @@ def read_input(inputs: list[str], args: argparse.Namespace, *, quiet: bool = Fal
         except schema.SchemaError as exc:
             raise InputError(f"{', '.join(inputs)}: not a deferral_kit attempts table ({exc})") from exc
         return Load(attempts=lf)
-    opts = LoadOptions(tz=args.tz, year=args.year, dedupe=not getattr(args, "keep_duplicates", False))
-    return load(inputs, format=args.format, options=opts)
+    mapping = None
+    if getattr(args, "mapping", None):
+        from .loaders.generic import load_mapping
+
+        mapping = load_mapping(args.mapping)
+    opts = LoadOptions(tz=args.tz, year=args.year, mapping=mapping, dedupe=not getattr(args, "keep_duplicates", False))
+    fmt = "generic" if mapping is not None and args.format == "auto" else args.format
+    return load(inputs, format=fmt, options=opts)
 
 
 # --- parse ---------------------------------------------------------------------------------
@@ -130,6 +137,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--format", default="postfix", help="log format to write (default: postfix)")
     p.add_argument("--messages-per-day", type=int, default=None, help="volume (default: the generator's)")
+    p.add_argument("--start", default=None, help="first day (UTC midnight), e.g. 2026-11-16 (default: Monday of 2026-W47)")
+    p.add_argument("--timestamps", choices=("syslog", "rfc3339"), default="syslog", help="postfix: 'Nov 16 00:00:03' or rsyslog high-precision RFC 3339 stamps (default: syslog)")
+    p.add_argument("--no-episodes", action="store_true", help="background deferrals only (no Microsoft capacity / reputation episode)")
+    p.add_argument("--no-noise", action="store_true", help="postfix: leave out noise lines (postscreen, anvil, opendkim, TLS)")
+    p.add_argument("--compress-all", action="store_true", help="postfix: every day gzipped (mail.log.1.gz ... as after a rotation without delaycompress)")
+    p.add_argument("--no-rotate", action="store_true", help="one file instead of one per day")
+    p.add_argument("--truth-parquet", action="store_true", help="also write the intended attempts to <out>/truth/attempts.parquet")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -149,11 +163,119 @@ def _add_schema(sub) -> None:
 # --- report / incidents are registered by their modules' owners below ------------------------
 
 def _add_report(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "report",
+        help="run a report notebook (papermill) and export a self-contained offline HTML file to <out>/<week>/",
+        description="Runs notebooks/<NAME>.ipynb with papermill (kernel python3), exports it to HTML without code "
+        "(Vega embedded once, nothing fetched from the network), writes <out>/<week>/<NAME>.html, the executed "
+        "notebook and <NAME>.metrics.json, and rewrites <out>/index.html.  A failed run exits non-zero and leaves "
+        "earlier reports as they were.",
+    )
+    p.add_argument("--input", dest="inputs", action="append", default=None, metavar="PATH",
+                   help="log file, directory, glob or canonical Parquet file (repeatable; default: the bundled sample data/sample/)")
+    p.add_argument("--week", default=None, help="last (last complete ISO week, UTC), an ISO week like 2026-W47, or data (busiest week of the input); "
+                   "default: the sample's week for the bundled sample, else last")
+    p.add_argument("--format", default=None, help="log format of the input (default: auto)")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                   help="notebook parameter (repeatable), e.g. -p display_tz=Europe/Berlin -p top_n=15")
+    p.add_argument("--params", dest="params_file", default=None, metavar="YAML", help="YAML file of notebook parameters (-p and the options above win)")
+    p.add_argument("--notebook", default="weekly_report", metavar="NAME", help="notebook in notebooks/ to run (default: weekly_report)")
+    p.add_argument("--out", default="reports", help="reports folder (default: reports)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. under cron)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    import yaml
+
+    from . import report
+    from .sources import discover
+
+    nb = report.notebook_path(args.notebook)
+    params: dict = {}
+    if args.params_file:
+        try:
+            doc = yaml.safe_load(Path(args.params_file).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"{args.params_file}: cannot read parameters ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise UsageError(f"{args.params_file}: expected a mapping of parameter names to values")
+        params.update(doc)
+    raw = {}
+    for item in args.params:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"-p {item!r}: expected NAME=VALUE")
+        raw[name.strip()] = value
+    params.update(report.coerce_parameters(nb, raw))
+    if args.inputs:
+        params["inputs"] = args.inputs
+    if args.week:
+        params["week"] = args.week
+    if args.format:
+        params["input_format"] = args.format
+    if "inputs" in params:
+        inputs = [params["inputs"]] if isinstance(params["inputs"], str) else list(params["inputs"])
+        discover(inputs)  # a missing file fails here, before a kernel starts
+        params["inputs"] = [str(Path(x).resolve()) if not any(c in str(x) for c in "*?[") else str(Path.cwd() / x) for x in inputs]
+    try:
+        report.run(notebook=args.notebook, parameters=params, out=args.out, progress=not args.no_progress)
+    except report.ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: no report written; earlier reports in {args.out} are unchanged", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_incidents(sub) -> None:
-    pass
+    p = sub.add_parser("incidents", help="list deferral episodes per provider or destination (Wilson lower bound in the throttle/incident band)")
+    p.add_argument("inputs", nargs="+", metavar="LOG-or-PARQUET")
+    _add_input_options(p)
+    p.add_argument("--provider", default=None, help="only this provider or provider family, e.g. microsoft or microsoft_365")
+    p.add_argument("--by", default="provider", choices=["provider", "provider_family", "recipient_domain", "mx_host"], help="group episodes by (default: provider)")
+    p.add_argument("--class", dest="response_class", default=None, help="detect a response class (capacity, reputation, rate_limit, ... or 'all' for one pass per class) instead of a reply code")
+    p.add_argument("--code", type=int, default=452, help="SMTP reply code to detect when no --class (default: 452)")
+    p.add_argument("--enhanced", default="4.3.1", help="enhanced status code to detect; '' for any (default: 4.3.1)")
+    p.add_argument("--bucket", default="1h", help="time bucket of the rates (default: 1h)")
+    p.add_argument("--merge-gap", default="1h", help="merge hot buckets at most this far apart (default: 1h)")
+    p.add_argument("--min-count", type=int, default=3, help="matching replies a bucket needs to count as evidence (default: 3)")
+    p.add_argument("--bands", default=None, help="YAML file overriding the threshold bands")
+    p.add_argument("--json", action="store_true", help="print the episodes as JSON (one object per episode)")
+    p.set_defaults(func=_cmd_incidents)
+
+
+def _cmd_incidents(args) -> int:
+    import json
+
+    from . import incidents, metrics
+
+    res = read_input(args.inputs, args)
+    attempts = res.attempts
+    if args.provider:
+        from .providers import with_provider
+
+        attempts = with_provider(attempts).filter((pl.col("provider") == args.provider) | (pl.col("provider_family") == args.provider))
+    episodes = incidents.detect(
+        attempts,
+        by=[args.by],
+        bucket=args.bucket,
+        code=None if args.response_class else args.code,
+        enhanced=None if args.response_class else (args.enhanced or None),
+        response_class=args.response_class,
+        bands=metrics.load_bands(args.bands) if args.bands else None,
+        min_count=args.min_count,
+        merge_gap=args.merge_gap,
+    )
+    if args.json:
+        rows = [{k: (v.isoformat() if hasattr(v, "isoformat") else v.total_seconds() if hasattr(v, "total_seconds") else v) for k, v in r.items()}
+                for r in episodes.iter_rows(named=True)]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if episodes.height == 0:
+        print("no episodes: no bucket had the rate's 95% lower bound in the throttle or incident band")
+        return 0
+    print(incidents.to_text(episodes, by=[args.by]))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

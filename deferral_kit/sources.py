@@ -93,13 +93,36 @@ def _opener(sf: SourceFile):
     return open(sf.path, "rb")
 
 
+def _gunzip(src: Path, out: Path) -> None:
+    """Decompress gzip (multi-member too) chunk by chunk, so that everything that decompressed
+    is on disk before EOFError reports a stream cut short."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    fed = False  # has the current member received any input?
+    with open(src, "rb") as fin, open(out, "wb") as dst:
+        while chunk := fin.read(1 << 20):
+            while chunk:
+                fed = True
+                dst.write(d.decompress(chunk))
+                if not d.eof:
+                    break
+                chunk = d.unused_data.lstrip(b"\x00")  # next member (or zero padding)
+                d, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+        dst.write(d.flush())
+    if fed and not d.eof:
+        raise EOFError("compressed file ended before the end-of-stream marker was reached")
+
+
 def _decompress(sf: SourceFile) -> Path:
     if sf.compression is None:
         return sf.path
     out = _scratch() / f"{len(list(_scratch().iterdir()))}_{sf.path.name}.txt"
     try:
-        with _opener(sf) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 4 << 20)
+        if sf.compression == "gzip":
+            _gunzip(sf.path, out)
+        else:
+            with _opener(sf) as src, open(out, "wb") as dst:
+                # small chunks: a truncated stream loses at most one chunk
+                shutil.copyfileobj(src, dst, 64 << 10)
     except (EOFError, zlib.error) as exc:
         # A truncated archive (a copy cut short, a file still being written): keep what
         # decompressed and say so, rather than losing the whole file.

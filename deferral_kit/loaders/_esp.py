@@ -1,0 +1,173 @@
+"""Shared pieces of the ESP event loaders (SendGrid, Mailgun, SES, SparkPost, Postmark).
+
+Each ESP loader decodes its records with :mod:`._json`, gives every record a
+``category``/``reason`` (attempt, skipped engagement event, malformed, ...) and maps the
+attempt records to canonical columns; :func:`finish` does the rest the same way for all
+of them: duplicate records, the accounting, attempt numbering and the canonical schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import polars as pl
+
+from .. import schema
+from ..accounting import EXAMPLES_PER_REASON, Accounting
+from . import Load
+
+_ENHANCED = r"([245]\.\d{1,3}\.\d{1,3})"
+
+
+def s(name: str, *path: str) -> pl.Expr:
+    """A (nested) field of the ``rec`` struct column: ``s("rec", "delivery-status", "code")``."""
+    e = pl.col(name)
+    for p in path:
+        e = e.struct.field(p)
+    return e
+
+
+def fields(*names: str, **nested: pl.DataType) -> pl.Struct:
+    """A struct dtype whose listed leaves are strings (see ``_json``) plus nested dtypes."""
+    return pl.Struct({**{n: pl.String for n in names}, **nested})
+
+
+def epoch_ts(expr: pl.Expr) -> pl.Expr:
+    """Unix seconds (int, float or digits in a string) -> Datetime(us, UTC); null otherwise."""
+    secs = expr.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+    return (secs * 1_000_000).round(0).cast(pl.Int64, strict=False).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+
+
+def iso_ts(expr: pl.Expr) -> pl.Expr:
+    """ISO 8601 with ``Z`` or an offset and any number of fractional digits -> Datetime(us, UTC)."""
+    e = expr.str.strip_chars().str.replace(r"Z$", "+00:00").str.replace(r"(\.\d{6})\d+", "$1")
+    return e.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_zone="UTC", time_unit="us", strict=False)
+
+
+def any_ts(expr: pl.Expr) -> pl.Expr:
+    """Unix seconds or ISO 8601 (SparkPost sends both)."""
+    return pl.coalesce(epoch_ts(expr), iso_ts(expr))
+
+
+def clean_reply(expr: pl.Expr) -> pl.Expr:
+    """Reply text as the canonical ``response``: no ``smtp;`` prefix (SES, Postmark), continuation
+    lines joined by one space with their repeated ``NNN-``/``x.y.z`` prefixes dropped, null if empty."""
+    e = (
+        expr.str.replace(r"^(?i)\s*smtp\s*;\s*", "")
+        .str.replace_all(r"\s*[\r\n]+\s*(?:\d{3}[ -])?(?:[245]\.\d{1,3}\.\d{1,3}\s+)?", " ")
+        .str.strip_chars()
+    )
+    return pl.when(e.str.len_chars() > 0).then(e)
+
+
+def reply_code(response: pl.Expr) -> pl.Expr:
+    """The leading 3-digit reply code of a response, as Int16 (null when it starts with text)."""
+    return response.str.extract(r"^(\d{3})(?:[ -]|$)", 1).cast(pl.Int16, strict=False)
+
+
+def reply_enhanced(response: pl.Expr) -> pl.Expr:
+    """The x.y.z enhanced status at the start of a reply (after the code, if any)."""
+    return response.str.extract(r"^(?:\d{3}[ -])?" + _ENHANCED + r"(?:$|[^\d.])", 1)
+
+
+def with_code(code: pl.Expr, text: pl.Expr, enhanced: pl.Expr | None = None) -> pl.Expr:
+    """Rebuild ``code [x.y.z] text`` when a format gives the code apart from the text (Mailgun)."""
+    code_s = code.cast(pl.String)
+    if enhanced is not None:
+        text = pl.when(enhanced.is_not_null() & ~pl.coalesce(text, pl.lit("")).str.starts_with(pl.coalesce(enhanced, pl.lit("")))) \
+            .then(pl.concat_str(enhanced, pl.lit(" "), text, ignore_nulls=True)).otherwise(text)
+    needs = code_s.is_not_null() & ~pl.coalesce(text, pl.lit("")).str.starts_with(pl.coalesce(code_s, pl.lit("")))
+    out = pl.when(needs).then(pl.concat_str(code_s, pl.lit(" "), text, ignore_nulls=True)).otherwise(text)
+    return pl.when(out.str.len_chars() > 0).then(out.str.strip_chars())
+
+
+def domain_of(addr: pl.Expr) -> pl.Expr:
+    """Lower-cased domain of an address (after the last @, without a closing >)."""
+    return addr.str.extract(r"@([^@>\s]+)>?\s*$", 1).str.to_lowercase().str.strip_suffix(".")
+
+
+def address_of(text: pl.Expr) -> pl.Expr:
+    """The address inside ``Name <a@b>``, or the text itself."""
+    return pl.coalesce(text.str.extract(r"<([^<>]*)>\s*$", 1), text.str.strip_chars())
+
+
+def host(expr: pl.Expr) -> pl.Expr:
+    """Canonical host name: lower case, no trailing dot, null if empty."""
+    e = expr.str.strip_chars().str.to_lowercase().str.strip_suffix(".")
+    return pl.when(e.str.len_chars() > 0).then(e)
+
+
+def categorise(rules: list[tuple[pl.Expr, str, str | pl.Expr]], *, default_reason: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """``category`` and ``reason`` from ordered (condition, category, reason) rules; records that
+    ``_json`` could not decode (``bad``) come first, anything unmatched is skipped with ``default_reason``."""
+    bad = pl.col("bad")
+    # Blank lines and empty batches/pages are not records, but not damaged either.
+    harmless = (bad == "blank line") | bad.str.starts_with("empty ")
+    cat = pl.when(harmless).then(pl.lit("skipped")).when(bad.is_not_null()).then(pl.lit("malformed"))
+    rea = pl.when(bad.is_not_null()).then(bad)
+    for cond, c, r in rules:
+        cat = cat.when(cond).then(pl.lit(c))
+        rea = rea.when(cond).then(r if isinstance(r, pl.Expr) else pl.lit(r))
+    return cat.otherwise(pl.lit("skipped")).alias("category"), rea.otherwise(default_reason).alias("reason")
+
+
+def number_attempts(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Fill ``attempt`` from ``attempt_given`` (the ESP's counter) where there is one, else derive it:
+    within (message_key, recipient) in time order, count on from the last given number (a delivery
+    after "attempt 5" deferrals is attempt 6), or from 1 when the ESP never numbers its tries."""
+    k = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
+    given = pl.col("attempt_given").cast(pl.Int64, strict=False)
+    # One u64 per (message_key, recipient): windows over an integer key are much cheaper than
+    # over two strings.
+    grp = "_grp"
+    return (
+        frame.with_columns(pl.struct("message_key", "recipient").hash().alias(grp))
+        .sort(grp, "ts", "file", "line_no")
+        .with_columns(k.over(grp).alias("_k"), given.alias("_g"))
+        .with_columns(
+            pl.col("_g").forward_fill().over(grp).alias("_last_g"),
+            pl.when(pl.col("_g").is_not_null()).then(pl.col("_k")).forward_fill().over(grp).alias("_k_at_g"),
+        )
+        .with_columns(
+            pl.coalesce(pl.col("_g"), pl.col("_last_g") + pl.col("_k") - pl.col("_k_at_g"), pl.col("_k")).cast(pl.Int32).alias("attempt")
+        )
+        .drop(grp, "_k", "_g", "_last_g", "_k_at_g", "attempt_given")
+        .sort("ts", "file", "line_no")
+    )
+
+
+def finish(records: pl.LazyFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool, problems: list[str]) -> Load:
+    """The Load for one ESP: ``records`` has ``file, line_no, bad, text, rec, category, reason`` (one
+    row per input record); ``rows`` maps the attempt records to canonical columns (plus
+    ``attempt_given`` when the ESP numbers its tries), possibly several rows per record (one per
+    recipient).  Records identical to one already read (webhook retries, the same export given
+    twice, SES SNS and Firehose copies) are counted as ``duplicate`` when ``dedupe``."""
+    recs = records
+    if dedupe:
+        # A 64-bit hash of the decoded record stands in for its text (collisions are negligible
+        # at millions of records), so no copy of every record's JSON is kept.
+        dup = (pl.col("category") == "attempt") & ~pl.col("rec").hash().is_first_distinct()
+        recs = recs.with_columns(
+            pl.when(dup).then(pl.lit("duplicate")).otherwise("category").alias("category"),
+            pl.when(dup).then(pl.lit("identical record already read")).otherwise("reason").alias("reason"),
+        )
+    recs = recs.collect()
+    # The record's JSON is only rendered for the few rows per reason the accounting keeps as
+    # examples, not for millions of parsed records.
+    keys = ["file", "category", "reason"]
+    shown = pl.coalesce(pl.col("text"), pl.col("rec").struct.json_encode().str.replace_all(r'"[^"]*":null,?', "")).str.slice(0, 500)
+    lf = recs.lazy().select("file", "line_no", "category", "reason", "text", "rec",
+                            (pl.int_range(pl.len()).over(keys) < EXAMPLES_PER_REASON).alias("_ex"))
+    classified = pl.concat([
+        lf.filter(~pl.col("_ex")).select("file", "line_no", "category", "reason", pl.lit(None, pl.String).alias("text")),
+        lf.filter(pl.col("_ex")).select("file", "line_no", "category", "reason", shown.alias("text")),
+    ])
+    accounting = Accounting.from_classified(classified, fmt=fmt, problems=problems)
+    if recs.height and not accounting.count("attempt"):
+        files = recs["file"].unique(maintain_order=True).to_list()
+        accounting.problems.append(f"{', '.join(files)}: no delivery attempts (only {', '.join(sorted(set(recs['reason'].drop_nulls())))[:300]})")
+    att = rows(recs.lazy().filter(pl.col("category") == "attempt"))
+    if "attempt_given" not in att.collect_schema():
+        att = att.with_columns(pl.lit(None, pl.Int64).alias("attempt_given"))
+    att = number_attempts(att.with_columns(pl.lit(fmt).alias("source")))
+    return Load(attempts=schema.conform(att.lazy()), connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

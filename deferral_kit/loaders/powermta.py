@@ -1,0 +1,341 @@
+"""PowerMTA accounting CSV loader (``acct-*.csv``): ``d``, ``b``, ``t`` records are attempts.
+
+Columns come from each file's own header line (``type,timeLogged,...``; a header repeated or
+changed mid-file, as when rotated files are concatenated, starts a new layout).  A file
+without a header is read with the documented default 23-column layout when its first record
+fits it; two ``timeImprinted`` layouts seen in the wild (22 columns, and 23 with a trailing
+``header_Message-Id``) are recognised by content (``dsnAction``/``dsnStatus`` in the right
+places).  Any other header-less file is counted as malformed, with the reason, and reported
+under ``problems``.
+
+Record types (the ``type`` column):
+
+* ``d`` delivered, ``t`` transient (deferred try), ``b`` bounced → attempts.  A ``b`` with
+  ``bounceCat=message-expired`` is the queue giving up (outcome ``expired``, agent
+  ``internal``: not a new try).  ``agent`` is ``dlvType`` when logged, else ``smtp`` when the
+  record names a remote MTA or carries an ``smtp;`` diagnostic (always for ``d``), else
+  ``internal``.  ``remote`` is false for PowerMTA's own connection failures
+  (``no-answer-from-host``/``bad-connection``, ``4.4.x`` connection timed out/refused).
+* ``tq`` queue-level transient → connections table (event ``queue_transient``).
+* ``rb``/``rs`` (remote bounce/status arriving later by mail, not an SMTP try), ``f`` (FBL),
+  ``r`` (received) → skipped with the reason.
+
+Parsing is done on lines (``scan_lines``) with a vectorized RFC 4180 field splitter rather
+than ``scan_csv``, so a truncated row, a stray non-CSV line or a mid-file header is counted
+with its physical line number instead of aborting or shifting the whole file; quoted fields
+with commas, doubled quotes and embedded line breaks (rejoined) are handled.
+``line_no`` is the physical line where the record starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+
+import polars as pl
+
+from .. import schema
+from ..accounting import Accounting
+from ..sources import SourceFile, head, scan_lines
+
+FORMAT = "powermta"
+
+DEFAULT_FIELDS = (
+    "type,timeLogged,timeQueued,orig,rcpt,orcpt,dsnAction,dsnStatus,dsnDiag,dsnMta,bounceCat,srcType,srcMta,"
+    "dlvType,dlvSourceIp,dlvDestinationIp,dlvEsmtpAvailable,dlvSize,vmta,jobId,envId,queue,vmtaPool"
+).split(",")
+_IMPRINTED = (
+    "type,timeLogged,timeQueued,timeImprinted,orig,rcpt,orcpt,dsnAction,dsnStatus,dsnDiag,dsnMta,bounceCat,srcType,"
+    "srcMta,dlvType,dlvSourceIp,dlvDestinationIp,dlvEsmtpAvailable,dlvSize,vmta,jobId,envId"
+).split(",")
+# Layouts tried, in order, for a file without a header line.
+HEADERLESS_LAYOUTS = (DEFAULT_FIELDS, _IMPRINTED, [*_IMPRINTED, "header_Message-Id"])
+
+RECORD_TYPES = ("d", "b", "t", "tq", "r", "f", "rb", "rs")
+_DSN_ACTIONS = ("", "relayed", "delivered", "failed", "delayed", "expanded")
+_STATUS_RE = re.compile(r"^\d\.\d{1,3}\.\d{1,3}\b")
+
+_FIELD = r',(?:"(?:[^"]|"")*"|[^,]*)'
+_TIME_RE = r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d"
+
+_SNIFF_HEADER = re.compile(r"(?m)^\ufeff?\"?type\"?,.*\btimeLogged\b")
+_SNIFF_RECORD = re.compile(
+    r"(?m)^(?:d|b|t|tq|rb|rs|f|r),(?:\d{9,11}|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:[+-]\d{4})?),"
+    r"(?:[^\n]*,)?(?:\d\.\d{1,3}\.\d{1,3} \([^)\n]*\)|relayed|delivered|failed|delayed),"
+)
+
+
+def sniff(text: str) -> bool:
+    """True for a header line naming ``type`` and ``timeLogged``, or a header-less record
+    (``d,2015-03-07 08:31:17+0000,...,2.0.0 (success),...``)."""
+    return bool(_SNIFF_HEADER.search(text) or _SNIFF_RECORD.search(text))
+
+
+def _first_record(sf: SourceFile) -> list[str] | None:
+    for line in head(sf).splitlines():
+        if line.strip():
+            try:
+                return next(csv.reader(io.StringIO(line)))
+            except (csv.Error, StopIteration):
+                return None
+    return None
+
+
+def _is_header(fields: list[str]) -> bool:
+    return bool(fields) and fields[0].strip().lower() == "type" and any(f.strip().lower() == "timelogged" for f in fields)
+
+
+def headerless_layout(fields: list[str]) -> list[str] | None:
+    """The known layout a header-less record fits (by column count and content), or None."""
+    for layout in HEADERLESS_LAYOUTS:
+        if len(layout) != len(fields):
+            continue
+        rec = dict(zip(layout, fields))
+        if (
+            rec["type"].lower() in RECORD_TYPES
+            and rec.get("dsnAction", "").lower() in _DSN_ACTIONS
+            and (rec.get("dsnStatus", "") == "" or _STATUS_RE.match(rec["dsnStatus"]))
+        ):
+            return layout
+    return None
+
+
+def _split_fields(line: pl.Expr) -> pl.Expr:
+    """RFC 4180 fields of one record line, unquoted (``""`` → ``"``)."""
+    raw = ("," + line).str.extract_all(_FIELD)
+    return raw.list.eval(
+        pl.element()
+        .str.slice(1)
+        .pipe(lambda f: pl.when(f.str.starts_with('"') & f.str.ends_with('"') & (f.str.len_chars() >= 2))
+              .then(f.str.slice(1, f.str.len_chars() - 2).str.replace_all('""', '"', literal=True))
+              .otherwise(f))
+    )
+
+
+def _time(expr: pl.Expr, tz: str) -> pl.Expr:
+    """UTC time from a UNIX time_t or ``YYYY-MM-DD HH:MM:SS[+zzzz]`` (no offset: ``tz``)."""
+    e = expr.str.strip_chars()
+    epoch = pl.from_epoch(e.cast(pl.Int64, strict=False), time_unit="s").dt.replace_time_zone("UTC")
+    with_off = e.str.replace("T", " ").str.to_datetime("%Y-%m-%d %H:%M:%S%z", strict=False, time_unit="us").dt.convert_time_zone("UTC")
+    naive = (
+        pl.when(e.str.contains(r"[+-]\d{2}:?\d{2}$|Z$")).then(None).otherwise(e.str.replace("T", " "))
+        .str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
+        .dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+        .dt.convert_time_zone("UTC")
+    )
+    return pl.when(e.str.contains(r"^\d{9,11}$")).then(epoch).otherwise(pl.coalesce(with_off, naive))
+
+
+def _layouts(files: list[SourceFile], lines: pl.LazyFrame) -> tuple[pl.DataFrame, list[list[str]], list[str]]:
+    """(file, seg) -> layout index, the layouts, and file problems.  Segment 0 of a file
+    without a header gets the header-less layout its first record fits (or none)."""
+    layouts: list[list[str]] = []
+    index: dict[tuple[str, ...], int] = {}
+    rows: list[tuple[str, int, int | None]] = []
+    problems: list[str] = []
+
+    def idx(layout: list[str]) -> int:
+        key = tuple(layout)
+        if key not in index:
+            index[key] = len(layouts)
+            layouts.append(list(layout))
+        return index[key]
+
+    headers = (
+        lines.filter(pl.col("line").str.contains(r"^\ufeff?\"?[Tt][Yy][Pp][Ee]\"?,"))
+        .select("file", "line_no", "line")
+        .collect()
+    )
+    by_file: dict[str, list[str]] = {}
+    for r in headers.sort("file", "line_no").iter_rows(named=True):
+        fields = next(csv.reader(io.StringIO(r["line"].lstrip("\ufeff"))))
+        if _is_header(fields):
+            by_file.setdefault(r["file"], []).append(r["line"])
+    for sf in files:
+        first = _first_record(sf)
+        if first is not None and not _is_header([f.lstrip("\ufeff") for f in first]):
+            layout = headerless_layout(first)
+            if layout is None:
+                problems.append(
+                    f"{sf.name}: no header line and the first record has {len(first)} columns, which fits no known "
+                    f"PowerMTA layout (default: {len(DEFAULT_FIELDS)} columns); add the file's header line "
+                    "(the record-fields of its <acct-file>) to read it"
+                )
+                rows.append((sf.name, 0, None))
+            else:
+                rows.append((sf.name, 0, idx(layout)))
+        for seg, hline in enumerate(by_file.get(sf.name, []), start=1):
+            fields = [f.strip() for f in next(csv.reader(io.StringIO(hline.lstrip("\ufeff"))))]
+            rows.append((sf.name, seg, idx(fields)))
+    table = pl.DataFrame(rows, schema={"file": pl.String, "seg": pl.Int32, "layout": pl.Int32}, orient="row")
+    return table, layouts, problems
+
+
+def _joined_records(lines: pl.LazyFrame) -> pl.LazyFrame:
+    """Records spanning lines (a quoted field with a line break) joined onto their first line.
+    A line with an odd number of quotes opens or closes such a record."""
+    odd = (pl.col("line").str.count_matches('"', literal=True) % 2 == 1)
+    lf = lines.with_columns(_odd=odd).with_columns(_open=pl.col("_odd").cast(pl.Int32).cum_sum().over("file") % 2)
+    # A line belongs to the record opened before it while the open count (before it) is odd.
+    lf = lf.with_columns(
+        _open_before=(pl.col("_open") - pl.col("_odd").cast(pl.Int32)).abs() % 2,
+        _opener=pl.when(pl.col("_odd") & (pl.col("_open") == 1)).then(pl.col("line_no")).forward_fill().over("file"),
+    ).with_columns(joined_into=pl.when(pl.col("_open_before") == 1).then(pl.col("_opener")))
+    cont = (
+        lf.filter(pl.col("joined_into").is_not_null())
+        .group_by("file", "joined_into")
+        .agg(pl.col("line").sort_by("line_no").str.join("\n").alias("_more"))
+        .rename({"joined_into": "line_no"})
+    )
+    return (
+        lf.join(cont, on=["file", "line_no"], how="left", maintain_order="left")
+        .with_columns(
+            record=pl.when(pl.col("_more").is_not_null()).then(pl.col("line") + "\n" + pl.col("_more")).otherwise(pl.col("line")),
+            unclosed=(pl.col("_open") == 1) & pl.col("_more").is_null() & pl.col("joined_into").is_null(),
+        )
+        .drop("_odd", "_open", "_open_before", "_opener", "_more")
+    )
+
+
+def load(files: list[SourceFile], options) -> "Load":
+    """Parse PowerMTA accounting files into attempts, ``tq`` connection events and the accounting."""
+    from . import Load
+
+    tz = getattr(options, "tz", "UTC") or "UTC"
+    lines = scan_lines(files).with_row_index("seq")
+    table, layouts, problems = _layouts(files, lines)
+    problems += [f"{sf.name}: {p}" for sf in files for p in sf.problems]
+
+    is_header = pl.col("line").str.contains(r"^\ufeff?\"?[Tt][Yy][Pp][Ee]\"?,") & pl.col("line").str.contains(r"(?i)timeLogged")
+    lf = (
+        _joined_records(lines)
+        .with_columns(seg=is_header.cast(pl.Int32).cum_sum().over("file"), is_header=is_header)
+        .join(table.lazy(), on=["file", "seg"], how="left", maintain_order="left")
+        .with_columns(f=_split_fields(pl.col("record").str.strip_prefix("\ufeff")))
+        .with_columns(nf=pl.col("f").list.len())
+    )
+    want = {
+        "type", "timeLogged", "timeQueued", "orig", "rcpt", "orcpt", "dsnAction", "dsnStatus", "dsnDiag", "dsnMta",
+        "bounceCat", "dlvType", "dlvSourceIp", "dlvDestinationIp", "dlvSize", "vmta", "jobId", "envId", "queue", "vmtaPool",
+    }
+    cols = {}
+    for name in want:
+        expr = pl.lit(None, dtype=pl.String)
+        for k, layout in enumerate(layouts):
+            lower = [x.lower() for x in layout]
+            if name.lower() in lower:
+                expr = pl.when(pl.col("layout") == k).then(pl.col("f").list.get(lower.index(name.lower()), null_on_oob=True)).otherwise(expr)
+        cols[name] = pl.when(expr.str.strip_chars() != "").then(expr.str.strip_chars())
+    msgid = pl.lit(None, dtype=pl.String)
+    for k, layout in enumerate(layouts):
+        lower = [x.lower() for x in layout]
+        if "header_message-id" in lower:
+            msgid = pl.when(pl.col("layout") == k).then(pl.col("f").list.get(lower.index("header_message-id"), null_on_oob=True)).otherwise(msgid)
+    width = pl.lit(None, dtype=pl.Int32)
+    for k, layout in enumerate(layouts):
+        width = pl.when(pl.col("layout") == k).then(pl.lit(len(layout), dtype=pl.Int32)).otherwise(width)
+    lf = lf.with_columns(**{f"p_{k}": v for k, v in cols.items()}, p_msgid=pl.when(msgid != "").then(msgid), width=width)
+    rtype = pl.col("p_type").str.to_lowercase()
+
+    blank = pl.col("line").str.strip_chars() == ""
+    category_reason = (
+        pl.when(pl.col("joined_into").is_not_null())
+        .then(pl.struct(c=pl.lit("context"), r=pl.lit("continuation of a multi-line CSV record")))
+        .when(blank).then(pl.struct(c=pl.lit("skipped"), r=pl.lit("empty line")))
+        .when(pl.col("is_header")).then(pl.struct(c=pl.lit("context"), r=pl.lit("header line")))
+        .when(pl.col("layout").is_null())
+        .then(pl.struct(c=pl.lit("malformed"), r=pl.lit("no header line and no known layout fits")))
+        .when(pl.col("unclosed")).then(pl.struct(c=pl.lit("malformed"), r=pl.lit("unclosed quote (record cut short)")))
+        .when(pl.col("nf") < pl.col("width")).then(pl.struct(c=pl.lit("malformed"), r=pl.lit("truncated row (fewer fields than the header)")))
+        .when(pl.col("nf") > pl.col("width")).then(pl.struct(c=pl.lit("malformed"), r=pl.lit("more fields than the header")))
+        .when(rtype.is_in(["d", "b", "t"])).then(pl.struct(c=pl.lit("attempt"), r=pl.lit(None, dtype=pl.String)))
+        .when(rtype == "tq").then(pl.struct(c=pl.lit("connection"), r=pl.lit("tq queue-level transient")))
+        .when(rtype.is_in(["rb", "rs"])).then(pl.struct(c=pl.lit("skipped"), r=pl.lit("rb/rs remote bounce/status (out-of-band, not an SMTP try)")))
+        .when(rtype == "f").then(pl.struct(c=pl.lit("skipped"), r=pl.lit("f feedback-loop (FBL) record")))
+        .when(rtype == "r").then(pl.struct(c=pl.lit("skipped"), r=pl.lit("r received record")))
+        .otherwise(pl.struct(c=pl.lit("malformed"), r=pl.lit("unknown record type")))
+    )
+    lf = lf.with_columns(cr=category_reason).with_columns(category=pl.col("cr").struct.field("c"), reason=pl.col("cr").struct.field("r"))
+
+    diag = pl.col("p_dsnDiag")
+    diag_type = diag.str.extract(r"^([A-Za-z0-9-]+);", 1).str.to_lowercase()
+    reply = (
+        diag.str.replace(r"^[A-Za-z0-9-]+;\s*", "")
+        .str.replace_all(r"\r?\n\d{3}[ -](?:\d\.\d{1,3}\.\d{1,3} )?", " ")
+        .str.replace(r"^(\d{3})-", "$1 ")
+        .str.replace_all(r"\s+", " ")
+        .str.strip_chars()
+    )
+    mta = pl.col("p_dsnMta").str.extract_groups(r"^\s*(?P<host>[^\s(]+)?\s*(?:\((?P<ip>[^/)\s]+)(?:/[^)]*)?\))?\s*$")
+    dest_ip = pl.col("p_dlvDestinationIp").str.extract(r"^([^/\s]+)", 1)
+    host = mta.struct.field("host").str.to_lowercase().str.strip_suffix(".")
+    host_is_ip = host.str.contains(r"^[0-9.]+$|^[0-9a-f:]+:[0-9a-f:]*$")
+    code = reply.str.extract(r"^(\d{3})\b", 1).cast(pl.Int16, strict=False)
+    dsn = pl.col("p_dsnStatus").str.extract(r"^(\d\.\d{1,3}\.\d{1,3})", 1)
+    enhanced = pl.coalesce(reply.str.extract(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b", 1), dsn)
+    bcat = pl.col("p_bounceCat").str.to_lowercase()
+    local_failure = bcat.is_in(["no-answer-from-host", "bad-connection"]).fill_null(False) | (
+        enhanced.str.starts_with("4.4.") & reply.str.contains(r"(?i)timed out|refused|no answer|unreachable|no route|unable to connect")
+    ).fill_null(False)
+    lf = lf.with_columns(
+        mx_host=pl.when(~host_is_ip).then(host),
+        mx_ip=pl.coalesce(mta.struct.field("ip"), pl.when(host_is_ip).then(host), dest_ip),
+        smtp_code=code,
+        enhanced_code=enhanced,
+        dsn=dsn,
+        response=pl.when(reply != "").then(reply),
+        remote=code.is_not_null() & (diag_type == "smtp").fill_null(False) & ~local_failure,
+    )
+
+    att = lf.filter(pl.col("category") == "attempt")
+    rcpt = pl.col("p_rcpt")
+    expired = (rtype == "b") & (bcat == "message-expired").fill_null(False)
+    evidence = pl.col("p_dsnMta").is_not_null() | (diag_type == "smtp").fill_null(False) | pl.col("p_dlvDestinationIp").is_not_null()
+    queued = _time(pl.col("p_timeQueued"), tz)
+    ts = _time(pl.col("p_timeLogged"), tz)
+    key = pl.concat_str(
+        [pl.col("p_jobId").fill_null(""), pl.col("p_envId").fill_null(""), pl.col("p_timeQueued").fill_null(""), pl.col("p_orig").fill_null("")],
+        separator="|",
+    )
+    attempts = att.with_columns(
+        ts=ts,
+        source=pl.lit(FORMAT),
+        instance=pl.col("p_vmta"),
+        agent=pl.when(expired).then(pl.lit("internal"))
+        .when(pl.col("p_dlvType").is_not_null()).then(pl.col("p_dlvType").str.to_lowercase())
+        .when((rtype == "d") | evidence).then(pl.lit("smtp"))
+        .otherwise(pl.lit("internal")),
+        queue_id=pl.col("p_envId"),
+        message_key=pl.when(key.str.replace_all(r"\|", "") != "").then(key),
+        message_id=pl.coalesce(pl.col("p_msgid"), pl.col("p_envId")),
+        sender=pl.col("p_orig"),
+        recipient=rcpt,
+        orig_recipient=pl.col("p_orcpt").str.replace(r"(?i)^rfc822;", ""),
+        recipient_domain=rcpt.str.extract(r"@([^@\s>]+)>?$", 1).str.to_lowercase().str.strip_suffix("."),
+        egress_ip=pl.col("p_dlvSourceIp"),
+        egress_pool=pl.coalesce(pl.col("p_vmtaPool"), pl.col("p_vmta")),
+        outcome=pl.when(rtype == "d").then(pl.lit("delivered")).when(rtype == "t").then(pl.lit("deferred"))
+        .when(expired).then(pl.lit("expired")).otherwise(pl.lit("bounced")),
+        queued_at=queued,
+        delay_s=(ts - queued).dt.total_microseconds() / 1e6,
+        size=pl.col("p_dlvSize").cast(pl.Int64, strict=False),
+    ).with_columns(
+        remote=pl.col("remote") & (pl.col("agent") != "internal"),
+        attempt=pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32),
+    )
+    attempts = schema.conform(attempts.sort("seq"), schema.ATTEMPT_COLUMNS)
+
+    connections = lf.filter(pl.col("category") == "connection").with_columns(
+        ts=ts,
+        source=pl.lit(FORMAT),
+        instance=pl.col("p_vmta"),
+        event=pl.lit("queue_transient"),
+        recipient_domain=pl.col("p_queue").str.extract(r"^([^/]+)", 1).str.to_lowercase(),
+        egress_ip=pl.col("p_dlvSourceIp"),
+    )
+    connections = schema.conform(connections.sort("seq"), schema.CONNECTION_COLUMNS)
+
+    classified = lf.select("file", "line_no", "category", "reason", text=pl.col("line"))
+    accounting = Accounting.from_classified(classified, fmt=FORMAT, problems=problems)
+    return Load(attempts=attempts, connections=connections, accounting=accounting)
