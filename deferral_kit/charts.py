@@ -89,7 +89,8 @@ def rate_over_time(
     height: int = 280,
 ) -> alt.LayerChart:
     """Rate per 10,000 attempts over time, one line per ``group`` value, with its 95 % Wilson
-    interval as a shaded band and the threshold band boundaries as dashed rules.
+    interval as a bar on every bucket that had such replies, and the threshold band boundaries
+    as dashed rules.
 
     Click a legend entry to highlight a group; the drop-down under the chart shows one group.
     The y axis is symmetric-log so a quiet 1/10k and an incident's 500/10k both read.
@@ -119,8 +120,11 @@ def rate_over_time(
     ]
     chosen = f"{pick.name} == null || datum[{group!r}] == {pick.name}"
     base = alt.Chart(data).transform_filter(chosen).encode(x=x, color=color)
-    ci = base.mark_area(opacity=0.15, interpolate="step-after").encode(
-        y=alt.Y("ci_low_per_10k:Q", scale=y_scale, stack=None, title=f"{what} {RATE_TITLE}"), y2="ci_high_per_10k:Q", opacity=alt.condition(highlight, alt.value(0.18), alt.value(0.03))
+    # Intervals only where replies occurred: an hour with 0 of 12 attempts has an upper bound of
+    # ~2,400/10k, and drawing those for every quiet hour would bury the signal.
+    ci = base.transform_filter("datum.count > 0").mark_rule(strokeWidth=3).encode(
+        y=alt.Y("ci_low_per_10k:Q", scale=y_scale, stack=None, title=f"{what} {RATE_TITLE}"), y2="ci_high_per_10k:Q",
+        opacity=alt.condition(highlight, alt.value(0.35), alt.value(0.05)),
     )
     line = base.mark_line(interpolate="step-after", point=alt.OverlayMarkDef(size=18)).encode(
         y=alt.Y("rate_per_10k:Q", scale=y_scale, stack=None), opacity=fade, tooltip=tooltip
@@ -149,7 +153,7 @@ def heatmap(
     """``group`` × time bucket, coloured by the rate per 10,000 attempts (lightest: attempts
     without a match; blank: no attempts).  Rows are ordered by the group's total count."""
     _check(frame, ["bucket", group, "attempts", "count", "rate_per_10k", "band"])
-    data = _with_time(frame, tz=tz, bucket=bucket)
+    data = _with_time(frame.select("bucket", group, "attempts", "count", "rate_per_10k", "band"), tz=tz, bucket=bucket)  # only what is encoded
     order = data.group_by(group).agg(pl.col("count").sum(), pl.col("attempts").sum()).sort(["count", "attempts", group], descending=[True, True, False])[group].cast(pl.String).to_list()
     return (
         alt.Chart(data)

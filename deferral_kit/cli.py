@@ -240,6 +240,7 @@ def _add_incidents(sub) -> None:
     p.add_argument("--merge-gap", default="1h", help="merge hot buckets at most this far apart (default: 1h)")
     p.add_argument("--min-count", type=int, default=3, help="matching replies a bucket needs to count as evidence (default: 3)")
     p.add_argument("--bands", default=None, help="YAML file overriding the threshold bands")
+    p.add_argument("--own-infrastructure", default=None, metavar="YAML", help="our own relays/smarthosts (replies from them are sender-side), shaped like deferral_kit/data/own_infrastructure.example.yaml")
     p.add_argument("--json", action="store_true", help="print the episodes as JSON (one object per episode)")
     p.set_defaults(func=_cmd_incidents)
 
@@ -248,24 +249,30 @@ def _cmd_incidents(args) -> int:
     import json
 
     from . import incidents, metrics
+    from .classify import with_classes
 
     res = read_input(args.inputs, args)
-    attempts = res.attempts
+    # classify once and keep the table: detection reads it several times, logs would be re-parsed
+    try:
+        attempts = with_classes(res.attempts, own_infrastructure=args.own_infrastructure).collect().lazy()
+    except ValueError as exc:  # an unreadable own-infrastructure file
+        raise UsageError(str(exc)) from exc
     if args.provider:
-        from .providers import with_provider
-
-        attempts = with_provider(attempts).filter((pl.col("provider") == args.provider) | (pl.col("provider_family") == args.provider))
-    episodes = incidents.detect(
-        attempts,
-        by=[args.by],
-        bucket=args.bucket,
-        code=None if args.response_class else args.code,
-        enhanced=None if args.response_class else (args.enhanced or None),
-        response_class=args.response_class,
-        bands=metrics.load_bands(args.bands) if args.bands else None,
-        min_count=args.min_count,
-        merge_gap=args.merge_gap,
-    )
+        attempts = attempts.filter((pl.col("provider") == args.provider) | (pl.col("provider_family") == args.provider))
+    try:
+        episodes = incidents.detect(
+            attempts,
+            by=[args.by],
+            bucket=args.bucket,
+            code=None if args.response_class else args.code,
+            enhanced=None if args.response_class else (args.enhanced or None),
+            response_class=args.response_class,
+            bands=metrics.load_bands(args.bands) if args.bands else None,
+            min_count=args.min_count,
+            merge_gap=args.merge_gap,
+        )
+    except ValueError as exc:  # a bucket or gap that is not a duration
+        raise UsageError(f"incidents: {exc}") from exc
     if args.json:
         rows = [{k: (v.isoformat() if hasattr(v, "isoformat") else v.total_seconds() if hasattr(v, "total_seconds") else v) for k, v in r.items()}
                 for r in episodes.iter_rows(named=True)]

@@ -34,7 +34,6 @@ import polars as pl
 from .outcomes import KEY, recipient_outcomes
 from .queue import _step_us
 
-HOT_BANDS = ("throttle", "incident")
 # Classes about one recipient (mailbox full, too many recipients in one transaction), not the
 # path to a provider: "all" leaves them out, they are never an incident of the destination.
 PER_RECIPIENT_CLASSES = ("delivered", "mailbox", "too_many_recipients")
@@ -113,8 +112,9 @@ def rates(
     if not parts:
         return pl.DataFrame()
     frame = pl.concat(pl.collect_all(parts), how="vertical_relaxed")
+    quiet = bands.names[0]  # the lowest band ("watch"): anything above it is throttle or worse
     return frame.with_columns(
-        (metrics.band_expr(pl.col("ci_low_per_10k") / 1e4, bands).is_in(HOT_BANDS) & (pl.col("count") >= min_count)).alias("hot")
+        ((metrics.band_expr(pl.col("ci_low_per_10k") / 1e4, bands) != quiet) & (pl.col("count") >= min_count)).alias("hot")
     ).sort(["signal", *by, "bucket"])
 
 
@@ -200,7 +200,7 @@ def detect(
     )
     recovery = (
         r.join(ep.select("episode", *keys, "end"), on=keys)
-        .filter((pl.col("bucket") >= pl.col("end")) & (pl.col("band") == "watch"))
+        .filter((pl.col("bucket") >= pl.col("end")) & (pl.col("band") == (bands or metrics.DEFAULT_BANDS).names[0]))
         .group_by("episode")
         .agg(pl.col("bucket").min().alias("recovered_at"))
     )
@@ -493,7 +493,9 @@ class Review:
     window.  ``queue_age``: :func:`deferral_kit.queue.age_over_time` of the group's recipients
     (all of them, not only the affected).  ``delivery``: :func:`outcomes.outcome_summary` of the
     group's recipients by ``period`` (before / during / after the episode, by their first try).
-    ``verdict``: :func:`verdict` with that queue age.
+    ``verdict``: :func:`verdict` with that queue age.  ``scope``: :func:`deferral_kit.classify.scope`
+    over the episode window across every provider (who else saw the reply, and the side it
+    suggests), when :func:`review` got ``everyone``.
     """
 
     episode: dict[str, Any]
@@ -503,6 +505,7 @@ class Review:
     queue_age: pl.DataFrame
     delivery: pl.DataFrame
     verdict: dict[str, Any]
+    scope: dict[str, Any] | None = None
 
 
 def review(
@@ -518,9 +521,12 @@ def review(
     response_class: str | Sequence[str] | None = None,
     bands=None,
     own_infrastructure=None,
+    everyone: pl.LazyFrame | None = None,
 ) -> Review:
     """The frames around one episode of :func:`detect` (give the same ``by``, ``bucket``, signal
-    options and bands).  ``every``: queue-age grid; ``pad``: time shown each side."""
+    options and bands).  ``every``: queue-age grid; ``pad``: time shown each side;
+    ``everyone``: the attempts of all providers (when ``attempts`` is one provider's), for the
+    cross-provider ``scope``."""
     from . import metrics
     from .outcomes import outcome_summary
     from .queue import age_over_time
@@ -545,7 +551,16 @@ def review(
         outcome_summary(oc.filter(pl.col("first_ts").is_between(start, end, closed="left")).with_columns(period.alias("period")), by=["period"]),
     ])
     delivery = delivery.with_columns(pl.col("period").cast(pl.Enum(_PERIODS))).sort("period")
-    return Review(episode, start, end, rates.collect(), age, delivery, verdict(episode, queue_age=age))
+    spread = None
+    if everyone is not None:
+        from .classify import scope
+
+        if "provider_family" not in everyone.collect_schema():
+            from .providers import family_of, with_provider
+
+            everyone = everyone.with_columns(family_of("provider").alias("provider_family")) if "provider" in everyone.collect_schema() else with_provider(everyone)
+        spread = scope(everyone, start=episode["start"], end=episode["end"], where=where, own_infrastructure=own_infrastructure)
+    return Review(episode, start, end, rates.collect(), age, delivery, verdict(episode, queue_age=age), spread)
 
 
 def verdict_markdown(v: dict[str, Any]) -> str:

@@ -59,17 +59,26 @@ def recipient_outcomes(attempts: pl.LazyFrame) -> pl.LazyFrame:
     have = attempts.collect_schema()
     carry = [c for c in _FROM_FINAL_ROW if c in have]
     new_key = (pl.col("message_key") != pl.col("message_key").shift(1)) | (pl.col("recipient") != pl.col("recipient").shift(1))
+    mx = _mx_attempt()
+    needed = dict.fromkeys([*KEY, "ts", "attempt", "line_no", "outcome", "recipient_domain", "queued_at", *mx.meta.root_names(), *carry])
     rows = (
-        attempts.filter(pl.col("message_key").is_not_null() & pl.col("recipient").is_not_null())
+        attempts.select(list(needed))
+        .filter(pl.col("message_key").is_not_null() & pl.col("recipient").is_not_null())
         .sort([*KEY, "ts", "attempt", "line_no"], nulls_last=True)
         .with_columns(
-            # an integer id per recipient-message (rows are sorted by it): cheap to window and group on
-            new_key.fill_null(True).cum_sum().alias("_g"),
-            _mx_attempt().fill_null(False).alias("_mx"),
-            pl.col("outcome").is_in(TERMINAL).alias("_terminal"),
+            new_key.fill_null(True).alias("_new"),
+            mx.fill_null(False).alias("_mx"),
+            pl.col("outcome").is_in(TERMINAL).cast(pl.Int64).alias("_terminal"),
         )
+        .with_columns(
+            # an integer id per recipient-message (rows are sorted by key): cheap to group on
+            pl.col("_new").cum_sum().alias("_g"),
+            # terminal rows before this one in its group, from running sums (no window function)
+            (pl.col("_terminal").cum_sum() - pl.col("_terminal")).alias("_before"),
+        )
+        .with_columns(pl.col("_before") - pl.when(pl.col("_new")).then(pl.col("_before")).forward_fill())
         # rows after the first terminal one (duplicates, late log noise) do not change the fate
-        .filter((pl.col("_terminal").cum_sum().over("_g") - pl.col("_terminal").cast(pl.UInt32)) == 0)
+        .filter(pl.col("_before") == 0)
     )
     # after that filter the last row of a group is its terminal row, or its last deferral
     last_outcome = pl.col("outcome").last()

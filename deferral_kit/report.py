@@ -264,7 +264,7 @@ def sample_inputs() -> list[str]:
 @dataclass
 class WeekData:
     """The input cut to the reporting week (``attempts``) and the week before (``previous``),
-    both with provider columns; ``accounting`` covers the whole input."""
+    both with provider and response-class columns; ``accounting`` covers the whole input."""
 
     week: Week
     attempts: pl.LazyFrame
@@ -280,29 +280,30 @@ def load_week(inputs: list[str] | str, *, format: str = "auto", log_tz: str = "U
     No ``inputs``: the bundled sample.  ``week`` as in :func:`resolve_week`; empty means ``data``
     for the bundled sample and ``last`` otherwise.
 
-    The whole input is read once and collected, so the week and its predecessor are filtered
-    from the same rows and the line accounting matches the files read.
+    The input is read once; the reporting week and the week before are kept (collected, with
+    provider and response-class columns) and the line accounting covers all files read.
     """
     from argparse import Namespace
 
+    from .classify import with_classes
     from .cli import read_input
 
     inputs = [inputs] if isinstance(inputs, str) else [str(p) for p in inputs]
+    bundled = not inputs or all(Path(p).resolve() == SAMPLE_DIR for p in inputs)
     if not week and not (start or end):
-        week = "data" if not inputs else "last"  # the bundled sample's own week; real logs: last week
-    if not inputs:
-        inputs = sample_inputs()
+        week = "data" if bundled else "last"  # the bundled sample's own week; real logs: last week
+    if bundled:
+        inputs = sample_inputs()  # the folder also holds truth.json, which is not a log
     parquet = all(p.endswith(".parquet") for p in inputs)
     res = read_input(inputs, Namespace(format=format, tz=log_tz, year=year, keep_duplicates=False))
-    attempts = res.attempts.collect().lazy()
-    try:
-        from .providers import with_provider
-
-        attempts = with_provider(attempts).collect().lazy()
-    except ImportError:  # providers not installed yet: everything is "unknown"
-        attempts = attempts.with_columns(pl.lit("unknown").alias("provider"), pl.lit("unknown").alias("provider_family"))
+    attempts = res.attempts
+    if (week or "").strip() == "data" and not (start or end):
+        attempts = attempts.collect().lazy()  # the week is read off the data: collect once, not twice
     wk = resolve_week(week, start=start, end=end, attempts=attempts)
     prev = wk.previous()
+    # Only the two weeks are kept, with provider and response class computed once: every
+    # section below reads them again.
+    attempts = with_classes(attempts.filter((pl.col("ts") >= prev.start) & (pl.col("ts") < wk.end))).collect().lazy()
     return WeekData(
         week=wk,
         attempts=attempts.filter(wk.contains()),
@@ -609,11 +610,14 @@ def destination_table(attempts: pl.LazyFrame, *, top_n: int = 20, code: int = 45
 
 def response_groups(attempts: pl.LazyFrame, *, limit: int = 30) -> pl.DataFrame:
     """Reply texts of temporary failures (4xx replies and deferred tries), normalized by
-    :func:`deferral_kit.textnorm.normalize_response`, most frequent first."""
+    :func:`deferral_kit.textnorm.normalize_response`, with their response class and likely side
+    (:mod:`deferral_kit.classify`), most frequent first."""
     from .textnorm import group_responses
 
     temporary = ((pl.col("smtp_code") // 100 == 4) | (pl.col("outcome") == "deferred")).fill_null(False)
-    return group_responses(attempts, where=temporary, limit=limit).collect()
+    have = attempts.collect_schema()
+    describe = [c for c in ("response_class", "side") if c in have]
+    return group_responses(attempts, where=temporary, describe=describe, limit=limit).collect()
 
 
 def accounting_table(data: WeekData) -> pl.DataFrame:

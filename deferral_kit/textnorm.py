@@ -63,20 +63,22 @@ def mask_addresses(expr: pl.Expr | str) -> pl.Expr:
     return e.str.replace_all(r"[^\s<>@\"'\[\](),;:=]+@([A-Za-z0-9.-]+)", "***@$1")
 
 
-def group_responses(attempts: pl.LazyFrame, *, where: pl.Expr | None = None, by: Sequence[str] = (), limit: int | None = 20) -> pl.LazyFrame:
+def group_responses(attempts: pl.LazyFrame, *, where: pl.Expr | None = None, by: Sequence[str] = (), describe: Sequence[str] = (), limit: int | None = 20) -> pl.LazyFrame:
     """Reply texts grouped after :func:`normalize_response`, most frequent first.
 
-    Columns: the ``by`` columns, ``response_text``, ``attempts`` (rows with that text),
-    ``share`` (of the rows matching ``where`` within the same ``by`` group), ``destinations`` and
-    ``mx_hosts`` (distinct recipient domains / remote hosts that sent it), ``first_seen``,
-    ``last_seen`` (UTC).  Rows without a reply text are left out.
+    Columns: the ``by`` columns, the ``describe`` columns (grouped on too, e.g. ``response_class``,
+    but shares and ``limit`` are per ``by`` group), ``response_text``, ``attempts`` (rows with that
+    text), ``share`` (of the rows matching ``where`` within the same ``by`` group),
+    ``destinations`` and ``mx_hosts`` (distinct recipient domains / remote hosts that sent it),
+    ``first_seen``, ``last_seen`` (UTC).  Rows without a reply text are left out.
     """
     lf = attempts if where is None else attempts.filter(where)
-    by = list(by)
+    by, describe = list(by), list(describe)
+    part = by if by else pl.lit(1)
     grouped = (
         lf.filter(pl.col("response").is_not_null() & (pl.col("response") != ""))
         .with_columns(normalize_response("response").alias("response_text"))
-        .group_by(*by, "response_text")
+        .group_by(*by, *describe, "response_text")
         .agg(
             pl.len().cast(pl.Int64).alias("attempts"),
             pl.col("recipient_domain").n_unique().cast(pl.Int64).alias("destinations"),
@@ -84,10 +86,10 @@ def group_responses(attempts: pl.LazyFrame, *, where: pl.Expr | None = None, by:
             pl.col("ts").min().alias("first_seen"),
             pl.col("ts").max().alias("last_seen"),
         )
-        .with_columns((pl.col("attempts") / pl.col("attempts").sum().over(by if by else pl.lit(1))).alias("share"))
-        .sort([*by, "attempts", "response_text"], descending=[False] * len(by) + [True, False])
-        .select(*by, "response_text", "attempts", "share", "destinations", "mx_hosts", "first_seen", "last_seen")
+        .with_columns((pl.col("attempts") / pl.col("attempts").sum().over(part)).alias("share"))
+        .sort([*by, "attempts", "response_text", *describe], descending=[False] * len(by) + [True, False] + [False] * len(describe), nulls_last=True)
+        .select(*by, *describe, "response_text", "attempts", "share", "destinations", "mx_hosts", "first_seen", "last_seen")
     )
     if limit is not None:
-        grouped = grouped.filter(pl.int_range(pl.len()).over(by if by else pl.lit(1)) < limit) if by else grouped.head(limit)
+        grouped = grouped.filter(pl.int_range(pl.len()).over(by) < limit) if by else grouped.head(limit)
     return grouped

@@ -22,8 +22,8 @@ Verdict per day and provider (family by default):
   IPs, and a warm IP among them when warm IPs were active), and over the provider's MX hosts (the
   hosts that answered so carry at least ``spread`` of the provider's tries);
 * **ramp pressure**: rate-limit / reputation deferrals (e.g. ``451 4.7.650``) on warming IPs are
-  significant (same test), concentrated on them (their rate at least ``concentration`` times the
-  warm IPs' rate), and a warming IP that got them stepped up today or the day before;
+  significant (same test), concentrated on them (the Wilson lower bound of their rate at least
+  ``concentration`` times the warm IPs' rate), and a warming IP that got them stepped up today or the day before;
 * **both**, or **neither**.  ``evidence`` says which numbers decided; ``action`` is the seed
   practice: during a capacity event hold the planned increase for that provider, resume only after
   the rate is back to baseline and queue age falls, raise concurrency gradually.
@@ -290,7 +290,7 @@ def verdicts(attempts: pl.LazyFrame, *, ramp_frame: pl.DataFrame | None = None, 
     throttle replies and a step today or yesterday); the booleans ``capacity_event`` and
     ``ramp_pressure``; ``verdict``, ``evidence``, ``action``.
     """
-    from .metrics import DEFAULT_BANDS, is_mx_attempt
+    from .metrics import DEFAULT_BANDS, is_mx_attempt, wilson_interval
 
     bands = bands or DEFAULT_BANDS
     threshold = bands.upper[0]
@@ -340,7 +340,10 @@ def verdicts(attempts: pl.LazyFrame, *, ramp_frame: pl.DataFrame | None = None, 
     ip_spread = (pl.col("ips_with_capacity") >= spread * pl.col("active_ips")) & ((pl.col("warm_ips") == 0) | (pl.col("warm_ips_with_capacity") > 0))
     mx_spread = pl.col("mx_share_with_capacity").fill_null(0.0) >= spread
     thr_sig = _significant("warming_throttle", "warming_attempts", threshold=threshold, min_count=min_count)
-    concentrated = pl.col("warm_throttle_per_10k").is_null() | (pl.col("warming_throttle_per_10k") >= concentration * pl.col("warm_throttle_per_10k"))
+    # the warming IPs' rate must beat the warm IPs' by `concentration` beyond chance: its Wilson
+    # lower bound, not the point estimate (3 of 64 is no evidence against a 76/10k baseline)
+    warming_low = wilson_interval(pl.col("warming_throttle"), pl.col("warming_attempts"))[0] * 1e4
+    concentrated = pl.col("warm_throttle_per_10k").is_null() | (warming_low >= concentration * pl.col("warm_throttle_per_10k"))
     stepped = pl.col("stepped_ips").list.len() > 0
     out = out.with_columns(
         (cap_sig & ip_spread & mx_spread).alias("capacity_event"),

@@ -48,12 +48,15 @@ def test_rate_over_time_shows_wall_clock_in_the_display_zone():
     assert line["encoding"]["x"]["scale"] == {"type": "utc"}
     assert line["encoding"]["x"]["title"] == "time (America/New_York)"
     assert line["encoding"]["y"]["scale"] == {"type": "symlog", "constant": 1}
-    assert spec["layer"][0]["encoding"]["y"]["stack"] is None  # intervals of groups are not summed
+    ci = spec["layer"][0]
+    assert ci["mark"]["type"] == "rule" and ci["encoding"]["y2"] == {"field": "ci_high_per_10k"}
+    assert ci["transform"][-1] == {"filter": "datum.count > 0"}  # no interval bars on quiet buckets
+    assert ci["encoding"]["y"]["stack"] is None  # intervals of groups are not summed
 
 
 def test_rate_over_time_draws_band_boundaries():
     spec = charts.rate_over_time(FRAME, group="recipient_domain", bands=metrics.DEFAULT_BANDS).to_dict()
-    rule_layers = [layer for layer in spec["layer"] if layer["mark"].get("type") == "rule"]
+    rule_layers = [layer for layer in spec["layer"] if layer["mark"].get("type") == "rule" and "strokeDash" in layer["mark"]]
     assert len(rule_layers) == 1
     rules = spec["datasets"][rule_layers[0]["data"]["name"]]
     assert [(r["band"], r["rate_per_10k"], r["label"]) for r in rules] == [("throttle", 2.0, "throttle above 2.0/10k"), ("incident", 20.0, "incident above 20.0/10k")]

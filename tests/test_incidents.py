@@ -317,6 +317,8 @@ def test_cli_json(world, world_parquet, capsys):
     assert f"sending IPs 1 of 5: {WARMUP_IP}" in out
     assert cli.main(["incidents", world_parquet, "--provider", "yahoo"]) == 0
     assert capsys.readouterr().out.startswith("no episodes")
+    assert cli.main(["incidents", world_parquet, "--merge-gap", "2x"]) == 2
+    assert "grid step '2x'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -337,7 +339,39 @@ def test_incident_review_notebook(world, world_parquet, tmp_path):
     assert m["verdict"]["status"] == "recovered"
     during = next(d for d in m["delivery"] if d["period"] == "during")
     assert during["first_attempt_delivery_rate"] < during["final_delivery_rate"]
+    assert m["scope"]["side"] == "receiver"
     assert m["charts"] == 4
     page = rep.html.read_text(encoding="utf-8")
     assert report.external_references(page) == []
     assert "Playbook verdict" in page and "import html" not in page
+
+
+def test_review_frames_and_charts(attempts, episodes):
+    from deferral_kit import charts_incidents
+
+    ep = incidents.pick(episodes)
+    assert ep["episode"] == 1  # the most matching replies
+    assert incidents.pick(episodes, 2)["provider"] == "other"
+    assert incidents.pick(episodes.head(0)) is None
+    rv = incidents.review(attempts.filter(pl.col("provider") == "microsoft_consumer"), ep, pad="2h", every="30m", everyone=attempts)
+    assert (rv.start, rv.end) == (at(3), at(12))
+    assert (rv.scope["side"], rv.scope["events"], rv.scope["top_provider"]) == ("receiver", 60, "microsoft")
+    assert rv.rates["bucket"].to_list() == [at(h) for h in range(3, 12)]
+    assert rv.rates.filter(pl.col("count") > 0)["count"].to_list() == [15, 15, 15, 15]
+    # 09:30: the hour-9 deferrals wait (15, queued 08:59:55 + 10 s apart); p90 interpolates the ages of the 3rd and 2nd queued
+    assert rv.queue_age.filter(pl.col("instant") == at(9.5)).row(0) == (at(9.5), 15, pytest.approx(30 + 5 / 60), pytest.approx(30 + 5 / 60 - 20 / 60 + 0.6 * 10 / 60))
+    assert rv.delivery.select(pl.col("period").cast(pl.String), "recipients", "first_attempt_delivered", "delivered", "bounced").rows() == [
+        ("before", 2 * 300, 600, 600, 0),
+        ("during", 5 * 300, 1440, 1440 + 48, 12),
+        ("after", 2 * 300, 600, 600, 0),
+    ]
+    assert incidents.verdict_markdown(rv.verdict).startswith("**receiver capacity: keep retrying, ease off slightly, hold ramp-ups** (status: recovered)")
+    spec = charts_incidents.episode_timeline(episodes, tz="Europe/Berlin").to_dict()
+    rows = next(iter(spec["datasets"].values()))
+    assert [(r["row"], r["time"][:19], r["time_end"][:19], r["peak_band"]) for r in rows] == [
+        ("microsoft_consumer · 452 4.3.1", "2026-03-02T06:00:00", "2026-03-02T11:00:00", "incident"),
+        ("other · 452 4.3.1", "2026-03-02T13:00:00", "2026-03-02T15:00:00", "incident"),
+    ]
+    for chart in (charts_incidents.rate_around(rv.rates, ep, group="provider"), charts_incidents.queue_age(rv.queue_age, episode=ep),
+                  charts_incidents.first_vs_final(outcomes.first_vs_final(rv.delivery, by=["period"]), group="period")):
+        assert chart.to_dict()["$schema"].startswith("https://vega.github.io/schema/vega-lite/")

@@ -216,3 +216,30 @@ def test_duration_and_reply_helpers():
     assert df.select(exim.duration_seconds(pl.col("t")).alias("t"))["t"].to_list() == [3723.0, 0.5, 172800.0, 691200.0, 0.0, 2709.0, None]
     r = pl.DataFrame({"r": [r"421-4.7.0 first\n421-4.7.0 second\n421 4.7.0 third", r"250-This one's OK\\n250 OK"]})
     assert r.select(exim.join_reply_lines(pl.col("r")))["r"].to_list() == ["421 4.7.0 first second third", "250 This one's OK OK"]
+
+
+def test_same_file_twice_counts_once(tmp_path):
+    copy = tmp_path / "mainlog.1"
+    copy.write_bytes((FIX / "microsoft_452_retry.log").read_bytes())
+    res = load([copy, FIX / "microsoft_452_retry.log"], format="exim", tz="Europe/Berlin")
+    assert res.attempts.collect().height == 9
+    # 15 stamped lines; the wrapped continuation line is context of its (duplicate) record
+    assert res.accounting.count("duplicate", "identical line in an earlier file") == 15
+    kept = load([copy, FIX / "microsoft_452_retry.log"], format="exim", dedupe=False)
+    assert kept.attempts.collect().height == 18
+
+
+def test_local_time_across_dst_change(tmp_path):
+    log = tmp_path / "mainlog"
+    log.write_text(
+        "2026-03-29 01:59:59 2aBcDz-000Abz-00 => a@example.com R=dnslookup T=remote_smtp H=mx.example.com [198.51.100.1] C=\"250 OK\"\n"
+        "2026-03-29 02:30:00 2aBcDz-000Abz-00 => b@example.com R=dnslookup T=remote_smtp H=mx.example.com [198.51.100.1] C=\"250 OK\"\n"
+        "2026-03-29 03:00:00 2aBcDz-000Abz-00 => c@example.com R=dnslookup T=remote_smtp H=mx.example.com [198.51.100.1] C=\"250 OK\"\n"
+    )
+    att = load(log, format="exim", tz="Europe/Berlin").attempts.collect()
+    # 02:30 does not exist in Berlin that night: read with the offset before the gap (+01:00)
+    assert att["ts"].to_list() == [
+        datetime(2026, 3, 29, 0, 59, 59, tzinfo=timezone.utc),
+        datetime(2026, 3, 29, 1, 30, tzinfo=timezone.utc),
+        datetime(2026, 3, 29, 1, 0, tzinfo=timezone.utc),
+    ]

@@ -86,6 +86,7 @@ def test_real_users_guide_header_and_time_t(real):
     assert doc["ts"][0] == datetime(2007, 5, 10, 14, 38, 23, tzinfo=UTC)
     # a bounce with no remote MTA and no diagnostic is not claimed as an MX try
     assert doc["agent"].to_list() == ["smtp", "smtp", "internal", "internal"]
+    assert doc["remote"].to_list() == [True, True, False, False]  # a delivery implies the server's 250
     assert doc["egress_ip"].to_list() == ["10.0.0.1", "10.0.0.1", None, None]
     assert doc["mx_host"].null_count() == 4
 
@@ -176,3 +177,11 @@ def test_mixed_formats_in_one_call(realworld):
     att = res.attempts.collect()
     assert sorted(att["source"].to_list()) == ["exim", "exim", "powermta", "powermta"]
     assert set(res.accounting.table["format"]) == {"exim", "powermta"}
+
+
+def test_same_file_twice_counts_once(tmp_path):
+    copy = tmp_path / "acct-copy.csv"
+    copy.write_bytes((FIX / "acct-headerless-default.csv").read_bytes())
+    res = load([copy, FIX / "acct-headerless-default.csv"], format="powermta")
+    assert res.attempts.collect().height == 2
+    assert res.accounting.count("duplicate", "identical record in an earlier file") == 2

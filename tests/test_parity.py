@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from deferral_kit.loaders import load
-from deferral_kit.sample import FORMATS, catalog, Episode, WorldConfig, default_episodes, generate, write
+from deferral_kit.sample import FORMATS, Episode, catalog, WorldConfig, default_episodes, generate, write
 
 HAS_MX = {"postfix", "exim", "powermta", "kumomta"}  # SendGrid events do not name the MX
 HAS_EXPIRY = {"postfix", "kumomta"}  # an explicit expiry record (Exim/PMTA log it as a failure)

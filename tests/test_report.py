@@ -68,6 +68,7 @@ def test_response_texts_grouped_after_masking(world_report):
     # 96 replies from many Microsoft hosts at many times collapse into one text
     assert top["response_text"] == "452 4.3.1 Insufficient system resources (TSTE) [<host>.outlook.com <time>]"
     assert (top["attempts"], top["destinations"], top["mx_hosts"]) == (96, 2, 2)
+    assert (top["response_class"], top["side"]) == ("capacity", "receiver")
     texts = {g["response_text"]: g["attempts"] for g in groups}
     assert texts["421 4.7.0 [TSS04] <script>alert(<n>)</script> temporarily deferred"] == 7
     assert texts["452 4.3.1 delivery temporarily suspended"] == 7
@@ -224,3 +225,33 @@ def test_index_lists_newest_period_first(tmp_path):
     page = report.write_index(tmp_path).read_text()
     links = re.findall(r'href="([^"]+)"', page)
     assert links == ["2026-W47/weekly_report.html", "2026-W47/incident_review.html", "2026-W46/weekly_report.html", "2026-W45/weekly_report.html"]
+
+
+# --- the README's command on the bundled sample -------------------------------------------------------
+
+@pytest.mark.slow  # parses the week of bundled Postfix logs in the kernel (~20-40 s)
+def test_default_run_on_the_bundled_sample_matches_its_truth(tmp_path, monkeypatch, capsys):
+    truth = json.loads((ROOT / "data" / "sample" / "truth.json").read_text(encoding="utf-8"))
+    monkeypatch.chdir(tmp_path)  # the sample and the notebook are found from any working directory
+    assert cli.main(["report", "--out", "reports", "--no-progress"]) == 0
+    start = datetime.fromisoformat(truth["start"])
+    week = f"{start.isocalendar().year}-W{start.isocalendar().week:02d}"
+    folder = tmp_path / "reports" / week
+    m = json.loads((folder / "weekly_report.metrics.json").read_text(encoding="utf-8"))
+    assert m["week"] == week
+    h = m["headline"]
+    assert (h["attempts"], h["count"]) == (truth["microsoft"]["mx_attempts"], truth["microsoft"]["code_452_431"])
+    assert round(h["rate_per_10k"], 3) == truth["microsoft"]["per_10k"]
+    assert h["all_attempts"] == truth["mx_attempts"]
+    assert h["band"] == "incident"
+    by_host = truth["code_452_431"]["by_host"]
+    counts = {r["recipient_domain"]: r["count"] for r in m["destinations"]}
+    assert counts["hotmail.com"] == by_host["hotmail-com.olc.protection.outlook.com"]
+    assert counts["outlook.com"] == by_host["outlook-com.olc.protection.outlook.com"]
+    texts = {g["response_text"]: g["attempts"] for g in m["responses"]}
+    assert texts["452 4.3.1 Insufficient system resources (TSTE) [<host>.outlook.com <time> <hex>]"] == truth["code_452_431"]["total"]
+    page = (folder / "weekly_report.html").read_text(encoding="utf-8")
+    assert page.count('class="dk-chart"') == m["charts"] == 4
+    assert report.external_references(page) == []
+    assert {a for a in re.findall(r"[\w.+-]+@[\w-]+\.[\w.-]+", page) if not a.startswith("***")} == set()
+    assert f"wrote {folder / 'weekly_report.html'}" in capsys.readouterr().err

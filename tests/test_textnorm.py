@@ -64,3 +64,19 @@ def test_group_responses_counts_distinct_hosts_and_shares():
     assert everything["share"].to_list() == [0.75, 0.25]
     by_domain = group_responses(lf, by=["recipient_domain"], limit=1).collect()
     assert by_domain.select("recipient_domain", "attempts", "share").rows() == [("gmail.com", 1, 1.0), ("hotmail.com", 1, 1.0), ("outlook.com", 2, 1.0)]
+
+
+def test_group_responses_describe_columns_do_not_split_shares():
+    rows = pl.DataFrame({
+        "ts": [datetime(2026, 11, 18, tzinfo=timezone.utc)] * 4,
+        "recipient_domain": ["a.example", "a.example", "b.example", "b.example"],
+        "response": ["421 4.7.0 Try again later", "421 4.7.0 Try again later", "421 4.7.0 Try again later", "451 4.3.2 Busy"],
+        "response_class": ["rate_limit", "rate_limit", "other", "capacity"],
+    })
+    lf = schema.conform(rows.lazy()).with_columns(rows["response_class"].alias("response_class"))
+    got = group_responses(lf, describe=["response_class"]).collect()
+    assert got.select("response_class", "response_text", "attempts", "share").rows() == [
+        ("rate_limit", "421 4.7.0 Try again later", 2, 0.5),
+        ("other", "421 4.7.0 Try again later", 1, 0.25),
+        ("capacity", "451 4.3.2 Busy", 1, 0.25),
+    ]

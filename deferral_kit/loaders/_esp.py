@@ -14,7 +14,8 @@ import polars as pl
 
 from .. import schema
 from ..accounting import EXAMPLES_PER_REASON, Accounting
-from . import Load
+from ..sources import SourceFile
+from . import Load, _json
 
 _ENHANCED = r"([245]\.\d{1,3}\.\d{1,3})"
 
@@ -136,7 +137,14 @@ def number_attempts(frame: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def finish(records: pl.LazyFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool, problems: list[str]) -> Load:
+def run(files: list[SourceFile], *, fmt: str, dtype: pl.Struct, classify: Callable[[pl.LazyFrame], pl.LazyFrame],
+        rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool) -> Load:
+    """Load one ESP's files: decode (``_json``), ``classify`` each record, then :func:`finish`."""
+    recs, problems = _json.collect(files, dtype, classify)
+    return finish(recs, fmt=fmt, rows=rows, dedupe=dedupe, problems=problems)
+
+
+def finish(records: pl.DataFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool, problems: list[str]) -> Load:
     """The Load for one ESP: ``records`` has ``file, line_no, bad, text, rec, category, reason`` (one
     row per input record); ``rows`` maps the attempt records to canonical columns (plus
     ``attempt_given`` when the ESP numbers its tries), possibly several rows per record (one per
@@ -151,17 +159,16 @@ def finish(records: pl.LazyFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl
             pl.when(dup).then(pl.lit("duplicate")).otherwise("category").alias("category"),
             pl.when(dup).then(pl.lit("identical record already read")).otherwise("reason").alias("reason"),
         )
-    recs = recs.collect()
     # The record's JSON is only rendered for the few rows per reason the accounting keeps as
     # examples, not for millions of parsed records.
     keys = ["file", "category", "reason"]
     shown = pl.coalesce(pl.col("text"), pl.col("rec").struct.json_encode().str.replace_all(r'"[^"]*":null,?', "")).str.slice(0, 500)
-    lf = recs.lazy().select("file", "line_no", "category", "reason", "text", "rec",
-                            (pl.int_range(pl.len()).over(keys) < EXAMPLES_PER_REASON).alias("_ex"))
+    example = recs.select((pl.int_range(pl.len()).over(keys) < EXAMPLES_PER_REASON).alias("_ex")).to_series()
+    cols = ["file", "line_no", "category", "reason"]
     classified = pl.concat([
-        lf.filter(~pl.col("_ex")).select("file", "line_no", "category", "reason", pl.lit(None, pl.String).alias("text")),
-        lf.filter(pl.col("_ex")).select("file", "line_no", "category", "reason", shown.alias("text")),
-    ])
+        recs.filter(~example).select(*cols, pl.lit(None, pl.String).alias("text")),
+        recs.filter(example).select(*cols, shown.alias("text")),
+    ]).lazy()
     accounting = Accounting.from_classified(classified, fmt=fmt, problems=problems)
     if recs.height and not accounting.count("attempt"):
         files = recs["file"].unique(maintain_order=True).to_list()

@@ -52,121 +52,113 @@ def first_values(text: str, n: int = 5) -> list:
     return [value]
 
 
-def _is_lines(sf: SourceFile) -> bool:
-    """JSON lines when one of the first non-empty lines is a complete JSON object or array by itself."""
-    lines = [ln.strip() for ln in head(sf).splitlines() if ln.strip()][:3]
-    for ln in lines:
+def _layout(sf: SourceFile) -> str:
+    """``single`` (JSON lines, one object per line), ``batches`` (JSON lines, some lines are arrays)
+    or ``document`` (one pretty-printed value), from the first lines of the file."""
+    lines = [ln.strip() for ln in head(sf).splitlines() if ln.strip()][:5]
+    for ln in lines[:3]:
         if ln[0] in "[{" and ln[-1] in "]}":
             try:
                 json.loads(ln)
-                return True
             except ValueError:
                 continue
-    return False
+            return "batches" if any(x.startswith("[") for x in lines) else "single"
+    return "document"
 
 
-def _raw_frames(files: list[SourceFile]) -> list[pl.LazyFrame]:
-    frames = []
-    for sf in files:
-        if sf.readable.stat().st_size == 0:
-            continue
-        if _is_lines(sf):
-            frames.append(scan_lines([sf]).with_columns(pl.lit(False).alias("doc")))
-        else:
-            text = sf.readable.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
-            frames.append(pl.LazyFrame({"file": [sf.name], "line_no": [1], "line": [text], "doc": [True]},
-                                       schema={"file": pl.String, "line_no": pl.Int64, "line": pl.String, "doc": pl.Boolean}))
-    return frames
+_RAW = {"file": pl.String, "line_no": pl.Int64, "line": pl.String}
 
 
-def _flags(raw: pl.LazyFrame) -> pl.LazyFrame:
-    s = pl.col("line").str.strip_chars()
-    return raw.with_columns(
-        s.alias("line"),
-        (s == "").alias("_blank"),
-        s.str.starts_with("[").alias("_arr"),
-        s.str.starts_with("{").alias("_obj"),
-    )
-
-
-def _decode(raw: pl.LazyFrame, dtype: pl.Struct, *, check: bool) -> pl.LazyFrame:
-    """Decode flagged lines.  Without ``check`` every line that starts like JSON must be valid (fast
-    path: one parse per line); with ``check`` invalid lines are found first and counted as malformed."""
-    s, arr, obj = pl.col("line"), pl.col("_arr"), pl.col("_obj")
+def _decode(raw: pl.LazyFrame, dtype: pl.Struct, *, layout: str, check: bool) -> pl.LazyFrame:
+    """Decode the lines of one file.  Without ``check`` every line that starts like JSON must be
+    valid (fast path: one parse per line, the query fails otherwise); with ``check`` invalid
+    lines are found first and counted as malformed."""
+    s = pl.col("line")
+    arr, obj = s.str.contains(r"^\s*\["), s.str.contains(r"^\s*\{")
     shaped = arr | obj
     # json_path_match returns null instead of raising on invalid JSON: it is the validity test.
     valid = shaped & s.str.json_path_match("$").is_not_null() if check else shaped
     bad = (
-        pl.when(pl.col("_blank")).then(pl.lit("blank line"))
+        pl.when(~s.str.contains(r"\S")).then(pl.lit("blank line"))
         .when(valid).then(pl.lit(None, pl.String))
-        .when(shaped & ~s.str.ends_with("}") & ~s.str.ends_with("]")).then(pl.lit("truncated JSON"))
+        .when(shaped & ~s.str.contains(r"[}\]]\s*$")).then(pl.lit("truncated JSON"))
         .when(shaped).then(pl.lit("invalid JSON"))
         .otherwise(pl.lit("not a JSON object or array"))
     )
+    cols = ["file", "line_no", bad.alias("bad"), pl.when(~valid).then(s.str.strip_chars().str.slice(0, TEXT_LIMIT)).alias("text")]
+    one = pl.when(valid & obj).then(s).str.json_decode(dtype)
+    if layout == "single" and not check:
+        # One record per line: no list building and exploding (the common, large case:
+        # Firehose dumps, exported event logs).
+        return raw.select(*cols, one.alias("rec"))
     # Objects and batch arrays are decoded apart (no string rewriting), then every value becomes
     # a list of records that is exploded: a batch of N events gives N rows.
-    one = pl.when(valid & obj).then(s).str.json_decode(dtype)
-    cols = [
-        "file",
-        "line_no",
-        "doc",
-        bad.alias("bad"),
-        pl.when(~valid).then(s.str.slice(0, TEXT_LIMIT)).alias("text"),
-    ]
-    if "_single" in raw.collect_schema():
-        return raw.select(*cols, one.alias("rec")).drop("doc")
     many = pl.when(valid & arr).then(s).str.json_decode(pl.List(dtype))
-    return (
+    out = (
         raw.select(*cols, pl.when(arr).then(many).otherwise(pl.concat_list(one)).alias("rec"), arr.alias("_arr"))
         .explode("rec", empty_as_null=True, keep_nulls=True)
-        .with_columns(
-            pl.when(pl.col("doc")).then(pl.col("line_no").cum_count().over("file").cast(pl.Int64)).otherwise("line_no").alias("line_no"),
-            pl.when(pl.col("bad").is_null() & pl.col("rec").is_null() & pl.col("_arr")).then(pl.lit("empty batch")).otherwise("bad").alias("bad"),
-        )
-        .drop("doc", "_arr")
+        .with_columns(pl.when(pl.col("bad").is_null() & pl.col("rec").is_null() & pl.col("_arr")).then(pl.lit("empty batch")).otherwise("bad").alias("bad"))
+        .drop("_arr")
     )
+    if layout == "document":
+        out = out.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line_no"))
+    return out
 
 
-def _decoded(lf: pl.LazyFrame, dtype: pl.Struct) -> pl.DataFrame:
-    flagged = _flags(lf).collect()
-    if not flagged["_arr"].any():
-        # No batch arrays: one record per line, no list building and exploding (the common,
-        # large case: Firehose dumps, exported event logs).
-        flagged = flagged.with_columns(pl.col("_arr").alias("_single"))
-    try:
-        return _decode(flagged.lazy(), dtype, check=False).collect()
-    except pl.exceptions.ComputeError:
-        # Some line is not valid JSON (or not of the expected shape): find the bad lines first.
-        return _decode(flagged.lazy(), dtype, check=True).collect()
+def _raw(sf: SourceFile, layout: str) -> pl.LazyFrame:
+    if layout != "document":
+        return scan_lines([sf])
+    text = sf.readable.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")
+    return pl.LazyFrame({"file": [sf.name], "line_no": [1], "line": [text]}, schema=_RAW)
 
 
-def read(files: list[SourceFile], dtype: pl.Struct) -> tuple[pl.DataFrame, list[str]]:
-    """Decode ``files`` into ``file, line_no, bad, text, rec``: one row per record.
+def records(files: list[SourceFile], dtype: pl.Struct, *, check: bool = False) -> pl.LazyFrame:
+    """A lazy frame ``file, line_no, bad, text, rec``: one row per record of ``files``.
 
-    ``rec`` is the record as ``dtype`` (null when ``bad`` says why: blank line, invalid or
+    ``rec`` is the record decoded as ``dtype`` (null when ``bad`` says why: blank line, invalid or
     truncated JSON, empty batch); ``text`` keeps the start of a bad line for the accounting.
-    Returns the frame and file-level problems.  A file whose JSON does not fit ``dtype`` (an
-    object where a string was expected) is reported as one malformed record, not an error.
+    Without ``check`` the plan assumes valid JSON and fails when collected otherwise: see
+    :func:`collect`.
+    """
+    frames = []
+    for sf in files:
+        if sf.readable.stat().st_size == 0:
+            continue
+        layout = _layout(sf)
+        frames.append(_decode(_raw(sf, layout), dtype, layout=layout, check=check))
+    if not frames:
+        return pl.LazyFrame(schema={"file": pl.String, "line_no": pl.Int64, "bad": pl.String, "text": pl.String, "rec": dtype})
+    return pl.concat(frames)
+
+
+def unreadable(sf: SourceFile, dtype: pl.Struct, why: str) -> pl.LazyFrame:
+    """One malformed record standing for a whole file whose JSON has a shape the loader cannot decode."""
+    return pl.LazyFrame({"file": [sf.name], "line_no": [1], "bad": ["unexpected JSON structure"], "text": [why], "rec": [None]},
+                        schema={"file": pl.String, "line_no": pl.Int64, "bad": pl.String, "text": pl.String, "rec": dtype})
+
+
+def collect(files: list[SourceFile], dtype: pl.Struct, plan) -> tuple[pl.DataFrame, list[str]]:
+    """Run ``plan(records)`` (the loader's classification of :func:`records`) over ``files`` with the
+    streaming engine, so only the decoded fields are held, not the input text.
+
+    Fast path first; if some line is not valid JSON the records are re-read with the validity
+    check; if a file still fails (an object where the loader expects a string) it is decoded
+    on its own and, failing again, reported as one malformed record and a problem, not an error.
+    Returns the frame and file-level problems (empty or truncated files).
     """
     problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
     problems += [f"{sf.name}: file is empty" for sf in files if sf.readable.stat().st_size == 0]
-    frames = _raw_frames(files)
-    empty = pl.DataFrame(schema={"file": pl.String, "line_no": pl.Int64, "bad": pl.String, "text": pl.String, "rec": dtype})
-    if not frames:
-        return empty, problems
-    try:
-        return _decoded(pl.concat(frames), dtype), problems
-    except pl.exceptions.PolarsError:
-        pass
-    # Some file has a shape the dtype does not expect: decode file by file so only it is lost.
-    parts = []
-    for lf in frames:
+    for check in (False, True):
         try:
-            parts.append(_decoded(lf, dtype))
-        except pl.exceptions.PolarsError as exc:
-            name = lf.select(pl.col("file").first()).collect().item()
-            msg = str(exc).splitlines()[0][:200]
-            problems.append(f"{name}: JSON structure not understood ({msg})")
-            parts.append(pl.DataFrame({"file": [name], "line_no": [1], "bad": ["unexpected JSON structure"], "text": [msg], "rec": [None]},
-                                      schema=empty.schema))
+            return plan(records(files, dtype, check=check)).collect(engine="streaming"), problems
+        except pl.exceptions.ComputeError:
+            continue
+    parts = []
+    for sf in files:
+        try:
+            parts.append(plan(records([sf], dtype, check=True)).collect(engine="streaming"))
+        except pl.exceptions.ComputeError as exc:
+            why = str(exc).splitlines()[0][:200]
+            problems.append(f"{sf.name}: JSON structure not understood ({why})")
+            parts.append(plan(unreadable(sf, dtype, why)).collect())
     return pl.concat(parts), problems

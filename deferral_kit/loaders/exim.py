@@ -28,6 +28,8 @@ continuation and is joined onto it with a space.  Timestamps without an offset a
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 
 from .. import schema
@@ -57,8 +59,6 @@ _WRAP = (
 
 _MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
 
-_FLAGS = ("<=", "=>", "->", ">>", "==", "**", "*>", "(=")
-
 # The reply part of an error message: current form "SMTP error from remote mail server after
 # RCPT TO:<x>: 452 ..." and older "... after MAIL FROM:<x> SIZE=1: host H [ip]: 421 ...".
 _SMTP_ERR = (
@@ -74,8 +74,6 @@ _CONNECT_TROUBLE = r"(?i)connection refused|timed out|network is unreachable|no 
 def sniff(text: str) -> bool:
     """True when one of the first lines is an Exim mainlog record (message id + flag, or an
     Exim-only inbound line such as ``H=host [ip] ... rejected``)."""
-    import re
-
     return re.search(_SNIFF, text[:65536]) is not None
 
 
@@ -108,7 +106,7 @@ def smtp_stage(cmd: pl.Expr) -> pl.Expr:
         pl.when(c.str.starts_with("MAIL FROM")).then(pl.lit("MAIL FROM"))
         .when(c.str.starts_with("RCPT TO")).then(pl.lit("RCPT TO"))
         .when(c.str.starts_with("END OF DATA")).then(pl.lit("end of DATA"))
-        .when(c.str.starts_with("DATA") | c.str.starts_with("BDAT")).then(pl.lit("DATA"))
+        .when(c.str.starts_with("DATA") | c.str.starts_with("BDAT") | c.str.contains("DATA BLOCK")).then(pl.lit("DATA"))
         .when(c.str.starts_with("INITIAL CONNECTION")).then(pl.lit("greeting"))
         .when(c.str.starts_with("HELO") | c.str.starts_with("EHLO") | c.str.starts_with("LHLO")).then(pl.lit("HELO"))
         .when(c.str.starts_with("STARTTLS")).then(pl.lit("STARTTLS"))
@@ -119,6 +117,16 @@ def smtp_stage(cmd: pl.Expr) -> pl.Expr:
 
 def _clean_host(expr: pl.Expr) -> pl.Expr:
     return expr.str.to_lowercase().str.strip_suffix(".")
+
+
+def _localize(naive: pl.Expr, tz: str) -> pl.Expr:
+    """Wall-clock times in ``tz`` as UTC; a repeated hour (DST end) reads as the first one, a
+    skipped one (DST start) with the offset in force before the gap."""
+    hour = pl.duration(hours=1)
+    return pl.coalesce(
+        naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null"),
+        (naive - hour).dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null") + hour,
+    ).dt.convert_time_zone("UTC")
 
 
 def _timestamps(files: list[SourceFile], options) -> pl.Expr:
@@ -155,7 +163,7 @@ def _timestamps(files: list[SourceFile], options) -> pl.Expr:
         )
     )
     with_offset = (naive - pl.duration(minutes=off_min)).dt.replace_time_zone("UTC")
-    local = naive.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").dt.convert_time_zone("UTC")
+    local = _localize(naive, tz)
     return pl.when(off.is_not_null()).then(with_offset).otherwise(local)
 
 
@@ -279,8 +287,18 @@ def load(files: list[SourceFile], options) -> "Load":
         & ~pl.col("rest").str.contains(r"(?i)\brejected\b|\bdropped\b|closed by|\bF=|\bP=")
     )
     rest = pl.col("rest")
+    # The same line in an earlier file (a file given twice under two names, overlapping
+    # rotated copies) is counted once.
+    if getattr(options, "dedupe", True) and len(files) > 1:
+        order = {sf.name: i for i, sf in enumerate(files)}
+        fidx = pl.col("file").replace_strict(order, return_dtype=pl.Int32)
+        duplicate = pl.col("has_ts") & (fidx > fidx.min().over("line"))
+    else:
+        duplicate = pl.lit(False)
     category_reason = (
-        pl.when(pl.col("is_cont") & (pl.col("has_ts") | pl.col("_prev_start").is_not_null()))
+        pl.when(duplicate)
+        .then(pl.struct(c=pl.lit("duplicate"), r=pl.lit("identical line in an earlier file")))
+        .when(pl.col("is_cont") & (pl.col("has_ts") | pl.col("_prev_start").is_not_null()))
         .then(pl.struct(c=pl.lit("context"), r=pl.lit("continuation line joined to its record")))
         .when(~pl.col("has_ts"))
         .then(pl.struct(c=pl.lit("malformed"), r=pl.lit("not an Exim log line (no timestamp)")))
@@ -330,7 +348,7 @@ def load(files: list[SourceFile], options) -> "Load":
         *needed,
         message_id=pl.when(pl.col("flag") == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1)),
         rest=pl.when(pl.col("category") == "connection").then(pl.col("rest")),
-        text=pl.when(pl.col("category").is_in(["skipped", "malformed"])).then(pl.col("line")),
+        text=pl.when(pl.col("category").is_in(["skipped", "malformed", "duplicate"])).then(pl.col("line")),
     ).collect().lazy()
     arrivals = (
         rec.filter((pl.col("category") == "context") & (pl.col("flag") == "<="))

@@ -53,7 +53,7 @@ def sniff(text: str) -> bool:
     return all(is_event(x) for x in vals)
 
 
-def _events(raw: pl.DataFrame) -> pl.DataFrame:
+def _events(raw: pl.LazyFrame) -> pl.LazyFrame:
     rec = pl.col("rec")
     own = pl.struct([rec.struct.field(n) for n in EVENT.to_schema()])
     events = (
@@ -65,7 +65,7 @@ def _events(raw: pl.DataFrame) -> pl.DataFrame:
     return out.with_columns(pl.when(pl.col("bad").is_null() & pl.col("rec").is_null()).then(pl.lit("empty events page")).otherwise("bad").alias("bad"))
 
 
-def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
+def _classified(raw: pl.LazyFrame) -> pl.LazyFrame:
     r = lambda *p: s("rec", *p)  # noqa: E731
     ev, sev = r("event"), r("severity")
     code = pl.coalesce(r("delivery-status", "code"), r("code")).cast(pl.Int64, strict=False)
@@ -84,7 +84,7 @@ def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
         ],
         default_reason=pl.concat_str(pl.lit("not a delivery event: "), pl.coalesce(ev, pl.lit("(no event field)"))),
     )
-    return _events(raw).lazy().with_columns(cat, reason)
+    return _events(raw).with_columns(cat, reason)
 
 
 def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
@@ -130,5 +130,4 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """Mailgun event files -> canonical attempts (one row per delivered/failed event)."""
-    raw, problems = _json.read(files, RECORD)
-    return _esp.finish(_classified(raw), fmt=FORMAT, rows=_rows, dedupe=options.dedupe, problems=problems)
+    return _esp.run(files, fmt=FORMAT, dtype=RECORD, classify=_classified, rows=_rows, dedupe=options.dedupe)

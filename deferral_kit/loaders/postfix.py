@@ -29,7 +29,9 @@ stamp in front of the syslog header is preferred over the syslog stamp.
 from __future__ import annotations
 
 import re
+import tempfile
 from datetime import datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -315,6 +317,7 @@ def _classified(lines: pl.LazyFrame, dup_hashes: pl.DataFrame | None) -> pl.Lazy
     return lf.with_columns(category.cast(_CATEGORY).alias("category"), reason.alias("reason"))
 
 
+_PER_LINE = ("ts", "kind", "host", "instance", "daemon")
 _RECORD_COLS = (
     "fidx", "line_no", "ts", "kind", "category", "host", "instance", "daemon", "queue_id", "to", "orig", "relay", "kv", "dsn",
     "status", "rtext", "r_host", "r_ip", "event", "smtp_stage", "reply", "suspended", "sender", "size", "message_id",
@@ -454,14 +457,26 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         "category",
         # per-line columns kept small: one category code per reason; record fields only on record lines
         pl.col("reason").cast(pl.Categorical).alias("acc_reason"),
-        *[pl.when(rec_mask).then(pl.col(c)).alias(c) for c in _RECORD_COLS if c not in ("fidx", "line_no", "category")],
+        # (the parsed fields are null off their own kind of line already)
+        *[
+            pl.when(rec_mask).then(pl.col(c)).alias(c) if c in _PER_LINE else pl.col(c)
+            for c in _RECORD_COLS
+            if c not in ("fidx", "line_no", "category")
+        ],
     )
-    df = compact.collect(engine="streaming")
+    # The per-line frame goes through a scratch Parquet file: the streaming engine keeps memory
+    # bounded while parsing, and the records read back own compact buffers instead of pinning
+    # the raw line buffers their strings were sliced from.
+    with tempfile.TemporaryDirectory(prefix="deferral_kit_postfix_") as tmp:
+        part = Path(tmp) / "lines.parquet"
+        compact.sink_parquet(part, engine="streaming")
+        df_lines = pl.scan_parquet(part)
+        acc_frame = df_lines.select("fidx", "line_no", "category", "acc_reason").collect()
+        rec = df_lines.filter(pl.col("category").is_in(["attempt", "connection", "context"])).drop("acc_reason").collect()
     names = [sf.name for sf in files]
     file_names = pl.DataFrame({"fidx": list(range(len(files))), "file": names}, schema={"fidx": pl.Int32, "file": pl.String})
 
     # accounting, with the text of the first few lines per (file, category, reason) as examples
-    acc_frame = df.select("fidx", "line_no", "category", "acc_reason")
     firsts = (
         acc_frame.filter(pl.col("category").is_in(["malformed", "skipped", "duplicate"]))
         .group_by("fidx", "category", "acc_reason")
@@ -473,7 +488,10 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     for fidx in firsts["fidx"].unique().to_list():
         nos = firsts.filter(pl.col("fidx") == fidx)["line_no"]
         texts.append(
-            scan_lines([files[fidx]]).filter(pl.col("line_no").is_in(nos.implode())).select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", pl.col("line").alias("text")).collect()
+            scan_lines([files[fidx]])
+            .filter(pl.col("line_no").is_in(nos.implode()))
+            .select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", pl.col("line").alias("text"))
+            .collect(engine="streaming")
         )
     text_df = pl.concat(texts) if texts else pl.DataFrame(schema={"fidx": pl.Int32, "line_no": pl.Int64, "text": pl.String})
     file_enum = pl.Enum(list(dict.fromkeys(names)))
@@ -492,9 +510,7 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     accounting = Accounting.from_classified(acc_lf, fmt=FORMAT, problems=problems)
 
     rec = (
-        df.filter(pl.col("category").is_in(["attempt", "connection", "context"]))
-        .drop("acc_reason")
-        .rename({"rtext": "reason"})
+        rec.rename({"rtext": "reason"})
         # line order over all files (files are in rotation order): the tie-break after ts
         .with_columns((pl.col("fidx").cast(pl.Int64) * 10**12 + pl.col("line_no")).alias("seq"))
     )

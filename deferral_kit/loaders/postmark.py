@@ -50,7 +50,7 @@ def sniff(text: str) -> bool:
     return all(x.get("RecordType") in _RECORD_TYPES and "MessageID" in x or is_bounce(x) for x in vals)
 
 
-def _events(raw: pl.DataFrame) -> pl.DataFrame:
+def _events(raw: pl.LazyFrame) -> pl.LazyFrame:
     rec = pl.col("rec")
     own = pl.struct([rec.struct.field(n) for n in EVENT.to_schema()])
     events = pl.when(rec.struct.field("Bounces").is_not_null()).then(rec.struct.field("Bounces")).when(rec.is_not_null()).then(pl.concat_list(own))
@@ -63,7 +63,7 @@ def _kind() -> pl.Expr:
     return pl.coalesce(s("rec", "RecordType"), pl.when(s("rec", "TypeCode").is_not_null()).then(pl.lit("Bounce")))
 
 
-def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
+def _classified(raw: pl.LazyFrame) -> pl.LazyFrame:
     kind, typ = _kind(), s("rec", "Type")
     complete = _esp.iso_ts(pl.coalesce(s("rec", "DeliveredAt"), s("rec", "BouncedAt"))).is_not_null() & \
         pl.coalesce(s("rec", "Recipient"), s("rec", "Email")).is_not_null()
@@ -77,7 +77,7 @@ def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
         ],
         default_reason=pl.concat_str(pl.lit("not a delivery event: "), pl.coalesce(kind, pl.lit("(no RecordType)"))),
     )
-    return _events(raw).lazy().with_columns(cat, reason)
+    return _events(raw).with_columns(cat, reason)
 
 
 def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
@@ -109,5 +109,4 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """Postmark event files -> canonical attempts (one row per Delivery or delivery-failure Bounce)."""
-    raw, problems = _json.read(files, RECORD)
-    return _esp.finish(_classified(raw), fmt=FORMAT, rows=_rows, dedupe=options.dedupe, problems=problems)
+    return _esp.run(files, fmt=FORMAT, dtype=RECORD, classify=_classified, rows=_rows, dedupe=options.dedupe)

@@ -38,6 +38,7 @@ import polars as pl
 from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, head, scan_lines
+from .exim import _localize
 
 FORMAT = "powermta"
 
@@ -102,15 +103,16 @@ def headerless_layout(fields: list[str]) -> list[str] | None:
 
 
 def _split_fields(line: pl.Expr) -> pl.Expr:
-    """RFC 4180 fields of one record line, unquoted (``""`` → ``"``)."""
-    raw = ("," + line).str.extract_all(_FIELD)
-    return raw.list.eval(
-        pl.element()
-        .str.slice(1)
-        .pipe(lambda f: pl.when(f.str.starts_with('"') & f.str.ends_with('"') & (f.str.len_chars() >= 2))
-              .then(f.str.slice(1, f.str.len_chars() - 2).str.replace_all('""', '"', literal=True))
-              .otherwise(f))
-    )
+    """RFC 4180 fields of one record line, still quoted (``,"a,b"`` stays ``"a,b"``); each
+    field keeps its leading comma.  :func:`_unquote` finishes the columns that are used."""
+    return ("," + line).str.extract_all(_FIELD)
+
+
+def _unquote(field: pl.Expr) -> pl.Expr:
+    """A raw field from :func:`_split_fields` as its value: comma dropped, quotes removed, ``""`` → ``"``."""
+    f = field.str.slice(1)
+    quoted = f.str.starts_with('"') & f.str.ends_with('"') & (f.str.len_chars() >= 2)
+    return pl.when(quoted).then(f.str.slice(1, f.str.len_chars() - 2).str.replace_all('""', '"', literal=True)).otherwise(f)
 
 
 def _time(expr: pl.Expr, tz: str) -> pl.Expr:
@@ -121,8 +123,7 @@ def _time(expr: pl.Expr, tz: str) -> pl.Expr:
     naive = (
         pl.when(e.str.contains(r"[+-]\d{2}:?\d{2}$|Z$")).then(None).otherwise(e.str.replace("T", " "))
         .str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
-        .dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
-        .dt.convert_time_zone("UTC")
+        .pipe(_localize, tz)
     )
     return pl.when(e.str.contains(r"^\d{9,11}$")).then(epoch).otherwise(pl.coalesce(with_off, naive))
 
@@ -226,7 +227,8 @@ def load(files: list[SourceFile], options) -> "Load":
             lower = [x.lower() for x in layout]
             if name.lower() in lower:
                 expr = pl.when(pl.col("layout") == k).then(pl.col("f").list.get(lower.index(name.lower()), null_on_oob=True)).otherwise(expr)
-        cols[name] = pl.when(expr.str.strip_chars() != "").then(expr.str.strip_chars())
+        expr = _unquote(expr).str.strip_chars()
+        cols[name] = pl.when(expr != "").then(expr)
     msgid = pl.lit(None, dtype=pl.String)
     for k, layout in enumerate(layouts):
         lower = [x.lower() for x in layout]
@@ -235,12 +237,22 @@ def load(files: list[SourceFile], options) -> "Load":
     width = pl.lit(None, dtype=pl.Int32)
     for k, layout in enumerate(layouts):
         width = pl.when(pl.col("layout") == k).then(pl.lit(len(layout), dtype=pl.Int32)).otherwise(width)
+    msgid = _unquote(msgid)
     lf = lf.with_columns(**{f"p_{k}": v for k, v in cols.items()}, p_msgid=pl.when(msgid != "").then(msgid), width=width)
     rtype = pl.col("p_type").str.to_lowercase()
 
     blank = pl.col("line").str.strip_chars() == ""
+    # The same record in an earlier file (a file given twice, overlapping copies) counts once.
+    if getattr(options, "dedupe", True) and len(files) > 1:
+        order = {sf.name: i for i, sf in enumerate(files)}
+        fidx = pl.col("file").replace_strict(order, return_dtype=pl.Int32)
+        duplicate = ~blank & ~pl.col("is_header") & (fidx > fidx.min().over("record"))
+    else:
+        duplicate = pl.lit(False)
     category_reason = (
-        pl.when(pl.col("joined_into").is_not_null())
+        pl.when(duplicate)
+        .then(pl.struct(c=pl.lit("duplicate"), r=pl.lit("identical record in an earlier file")))
+        .when(pl.col("joined_into").is_not_null())
         .then(pl.struct(c=pl.lit("context"), r=pl.lit("continuation of a multi-line CSV record")))
         .when(blank).then(pl.struct(c=pl.lit("skipped"), r=pl.lit("empty line")))
         .when(pl.col("is_header")).then(pl.struct(c=pl.lit("context"), r=pl.lit("header line")))
@@ -287,11 +299,17 @@ def load(files: list[SourceFile], options) -> "Load":
         response=pl.when(reply != "").then(reply),
         remote=code.is_not_null() & (diag_type == "smtp").fill_null(False) & ~local_failure,
     )
+    # Parse once: attempts, connections and the accounting all read this frame.
+    lf = lf.select(
+        "seq", "file", "line_no", "category", "reason", pl.selectors.starts_with("p_"),
+        "mx_host", "mx_ip", "smtp_code", "enhanced_code", "dsn", "response", "remote",
+        text=pl.when(pl.col("category").is_in(["skipped", "malformed", "duplicate"])).then(pl.col("line")),
+    ).collect().lazy()
 
     att = lf.filter(pl.col("category") == "attempt")
     rcpt = pl.col("p_rcpt")
     expired = (rtype == "b") & (bcat == "message-expired").fill_null(False)
-    evidence = pl.col("p_dsnMta").is_not_null() | (diag_type == "smtp").fill_null(False) | pl.col("p_dlvDestinationIp").is_not_null()
+    evidence = pl.col("p_dsnMta").is_not_null() | pl.col("p_dlvDestinationIp").is_not_null() | pl.col("remote")
     queued = _time(pl.col("p_timeQueued"), tz)
     ts = _time(pl.col("p_timeLogged"), tz)
     key = pl.concat_str(
@@ -302,9 +320,10 @@ def load(files: list[SourceFile], options) -> "Load":
         ts=ts,
         source=pl.lit(FORMAT),
         instance=pl.col("p_vmta"),
+        # A try against a remote host needs evidence of one (a delivery, a remote MTA or
+        # destination IP, a remote reply); a bounce without any (no MX, policy) is PowerMTA's own.
         agent=pl.when(expired).then(pl.lit("internal"))
-        .when(pl.col("p_dlvType").is_not_null()).then(pl.col("p_dlvType").str.to_lowercase())
-        .when((rtype == "d") | evidence).then(pl.lit("smtp"))
+        .when((rtype == "d") | evidence).then(pl.coalesce(pl.col("p_dlvType").str.to_lowercase(), pl.lit("smtp")))
         .otherwise(pl.lit("internal")),
         queue_id=pl.col("p_envId"),
         message_key=pl.when(key.str.replace_all(r"\|", "") != "").then(key),
@@ -321,7 +340,7 @@ def load(files: list[SourceFile], options) -> "Load":
         delay_s=(ts - queued).dt.total_microseconds() / 1e6,
         size=pl.col("p_dlvSize").cast(pl.Int64, strict=False),
     ).with_columns(
-        remote=pl.col("remote") & (pl.col("agent") != "internal"),
+        remote=((rtype == "d") | pl.col("remote")) & (pl.col("agent") != "internal"),
         attempt=pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32),
     )
     attempts = schema.conform(attempts.sort("seq"), schema.ATTEMPT_COLUMNS)
@@ -336,6 +355,6 @@ def load(files: list[SourceFile], options) -> "Load":
     )
     connections = schema.conform(connections.sort("seq"), schema.CONNECTION_COLUMNS)
 
-    classified = lf.select("file", "line_no", "category", "reason", text=pl.col("line"))
+    classified = lf.select("file", "line_no", "category", "reason", "text")
     accounting = Accounting.from_classified(classified, fmt=FORMAT, problems=problems)
     return Load(attempts=attempts, connections=connections, accounting=accounting)

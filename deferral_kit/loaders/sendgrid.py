@@ -42,7 +42,7 @@ def sniff(text: str) -> bool:
     return bool(vals) and all(isinstance(v, dict) and ("sg_event_id" in v or "sg_message_id" in v) and "event" in v for v in vals)
 
 
-def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
+def _classified(raw: pl.LazyFrame) -> pl.LazyFrame:
     ev = s("rec", "event")
     complete = _esp.epoch_ts(s("rec", "timestamp")).is_not_null() & s("rec", "email").is_not_null()
     cat, reason = _esp.categorise(
@@ -55,7 +55,7 @@ def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
         ],
         default_reason=pl.concat_str(pl.lit("not a delivery event: "), pl.coalesce(ev, pl.lit("(no event field)"))),
     )
-    return raw.lazy().with_columns(cat, reason)
+    return raw.with_columns(cat, reason)
 
 
 def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
@@ -91,5 +91,4 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """SendGrid event files -> canonical attempts (one row per deferred/delivered/bounce event)."""
-    raw, problems = _json.read(files, RECORD)
-    return _esp.finish(_classified(raw), fmt=FORMAT, rows=_rows, dedupe=options.dedupe, problems=problems)
+    return _esp.run(files, fmt=FORMAT, dtype=RECORD, classify=_classified, rows=_rows, dedupe=options.dedupe)

@@ -78,10 +78,11 @@ def sniff(text: str) -> bool:
     return False
 
 
-def _events(raw: pl.DataFrame) -> pl.DataFrame:
+def _events(raw: pl.LazyFrame) -> pl.LazyFrame:
     """Replace SNS envelopes by the SES event in their ``Message`` string."""
     msg = s("rec", "Message")
-    ok = msg.str.strip_chars().str.starts_with("{") & msg.str.json_path_match("$").is_not_null()
+    # SNS subscription messages carry plain text; an event is a JSON object.
+    ok = msg.str.contains(r"^\s*\{")
     inner = pl.when(ok).then(msg).str.json_decode(EVENT)
     own = pl.struct([s("rec", n) for n in EVENT.to_schema()])
     return raw.with_columns(
@@ -91,7 +92,7 @@ def _events(raw: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
+def _classified(raw: pl.LazyFrame) -> pl.LazyFrame:
     kind = pl.coalesce(s("rec", "eventType"), s("rec", "notificationType"))
     ts = pl.coalesce(s("rec", "deliveryDelay", "timestamp"), s("rec", "delivery", "timestamp"), s("rec", "bounce", "timestamp"))
     is_attempt = kind.is_in(["DeliveryDelay", "Delivery", "Bounce"])
@@ -107,7 +108,7 @@ def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
         ],
         default_reason=pl.concat_str(pl.lit("not an SES event: "), pl.coalesce(kind, pl.lit("(no eventType)"))),
     )
-    return _events(raw).lazy().with_columns(cat, reason)
+    return _events(raw).with_columns(cat, reason)
 
 
 def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
@@ -166,5 +167,4 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """SES event files -> canonical attempts (one row per recipient of DeliveryDelay/Delivery/Bounce)."""
-    raw, problems = _json.read(files, RECORD)
-    return _esp.finish(_classified(raw), fmt=FORMAT, rows=_rows, dedupe=options.dedupe, problems=problems)
+    return _esp.run(files, fmt=FORMAT, dtype=RECORD, classify=_classified, rows=_rows, dedupe=options.dedupe)

@@ -63,7 +63,7 @@ def sniff(text: str) -> bool:
     return all(is_event(x) for x in vals)
 
 
-def _events(raw: pl.DataFrame) -> pl.DataFrame:
+def _events(raw: pl.LazyFrame) -> pl.LazyFrame:
     rec, msys = pl.col("rec"), s("rec", "msys")
     own = pl.struct([rec.struct.field(n) for n in EVENT.to_schema()])
     wrapper = pl.coalesce(
@@ -86,7 +86,7 @@ def _events(raw: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
+def _classified(raw: pl.LazyFrame) -> pl.LazyFrame:
     typ, cls = s("rec", "type"), s("rec", "bounce_class")
     complete = _esp.any_ts(s("rec", "timestamp")).is_not_null() & pl.coalesce(s("rec", "raw_rcpt_to"), s("rec", "rcpt_to")).is_not_null()
     is_attempt = (pl.col("wrapper") == "message_event") & typ.is_in(list(_ATTEMPTS))
@@ -105,7 +105,7 @@ def _classified(raw: pl.DataFrame) -> pl.LazyFrame:
         ],
         default_reason=pl.concat_str(pl.lit("not a delivery event: "), pl.coalesce(typ, pl.lit("(no type)"))),
     )
-    return _events(raw).lazy().with_columns(cat, reason)
+    return _events(raw).with_columns(cat, reason)
 
 
 def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
@@ -148,5 +148,4 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """SparkPost event files -> canonical attempts (one row per delay/delivery/bounce event)."""
-    raw, problems = _json.read(files, RECORD)
-    return _esp.finish(_classified(raw), fmt=FORMAT, rows=_rows, dedupe=options.dedupe, problems=problems)
+    return _esp.run(files, fmt=FORMAT, dtype=RECORD, classify=_classified, rows=_rows, dedupe=options.dedupe)

@@ -29,7 +29,7 @@ Example: a Microsoft capacity event on all sending IPs, Wednesday 13:00-17:00 UT
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -197,8 +197,12 @@ class World:
     """A generated world.
 
     ``truth``: the intended canonical attempts (``schema.ATTEMPT_COLUMNS`` in order, then
-    ``episode``, ``class_truth``, ``provider_truth``, ``provider_family_truth`` and the
-    internal ids writers use).  ``connections``: the non-final per-MX events
+    ``episode`` (name or null), ``class_truth`` (the response class the reply was chosen as:
+    capacity, reputation, rate_limit, policy, mailbox, connection, local, other, delivered,
+    expired), ``provider_truth`` / ``provider_family_truth`` (of the recipient domain) and
+    the internal ids and timings writers use: ``msg``, ``r``, ``active_at``, ``delays_a..d``,
+    ``reply_text`` (multi-line replies with ``\n``), ``n_hosts``, ``first_mx_host/ip``).
+    ``source`` is ``sample`` and ``file``/``line_no`` are null: they depend on the writer.  ``connections``: the non-final per-MX events
     (``schema.CONNECTION_COLUMNS``).  ``messages``: one row per (message, recipient) with
     ``final_outcome`` (delivered | bounced | expired | pending), ``first_attempt_ts``,
     ``final_ts``, ``attempts`` (tries against an MX) and ``first_attempt_delivered``.
@@ -677,6 +681,8 @@ def generate(config: WorldConfig | None = None, **overrides) -> World:
         .when(no_reply).then(pl.format("connect to {}[{}]:25: {}", "mx_host", "mx_ip", "reply_text"))
         .otherwise(pl.col("reply_text").str.replace_all("\n", " ", literal=True)).alias("response"),
         (~no_reply).alias("remote"),
+        # a local suspension never reached the receiver: its class is local, not connection
+        pl.when(pl.col("agent") == "error").then(pl.lit("local")).otherwise(pl.col("class_truth")).alias("class_truth"),
     ).with_columns(
         pl.col("dsn").alias("enhanced_code"),
         ((pl.col("ts") - pl.col("arrival")).dt.total_microseconds() / 1e6).alias("delay_s"),

@@ -41,19 +41,14 @@ def fmt_postfix_delay(e: pl.Expr) -> pl.Expr:
     return s.str.replace(r"\.0+$", "").str.replace(r"^(\d+\.\d*?)0+$", "${1}")
 
 
-def stage_words(stage: pl.Expr) -> pl.Expr:
-    return stage
-
-
 def write_rotated(lines: pl.DataFrame, out_dir: Path, base: str, *, rotate: bool, gzip_old: bool, day_col: str = "day",
-                  header: str | None = None, names=None, compress_all: bool = False) -> list[Path]:
+                  compress_all: bool = False) -> list[Path]:
     """Write ``lines`` (columns ts, line, day) as a Debian-rotated set: ``base`` (newest day),
     ``base.1``, ``base.2.gz``...; each file's mtime is its last line's time.
 
     ``compress_all``: the state right after a rotation without ``delaycompress``: no
     current file, every day compressed (``base.1.gz`` is the newest).
-    ``names``: optional function day_index_from_newest -> file name (for formats that rotate
-    by date).  Returns the paths, oldest first.
+    Returns the paths, oldest first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     days = sorted(lines[day_col].unique().to_list()) if rotate else [None]
@@ -61,17 +56,12 @@ def write_rotated(lines: pl.DataFrame, out_dir: Path, base: str, *, rotate: bool
     for i, day in enumerate(days):
         part = lines if day is None else lines.filter(pl.col(day_col) == day)
         age = len(days) - 1 - i
-        if names is not None:
-            name = names(age, day)
-        else:
-            if compress_all:
-                age += 1
-            name = base if age == 0 else f"{base}.{age}"
-            if (age >= 2 and gzip_old) or compress_all:
-                name += ".gz"
+        if compress_all:
+            age += 1
+        name = base if age == 0 else f"{base}.{age}"
+        if (age >= 2 and gzip_old) or compress_all:
+            name += ".gz"
         buf = io.BytesIO()
-        if header:
-            buf.write(header.encode())
         part.select("line").write_csv(buf, include_header=False, quote_style="never")
         data = buf.getvalue()
         last: datetime = part["ts"].max()
@@ -79,10 +69,6 @@ def write_rotated(lines: pl.DataFrame, out_dir: Path, base: str, *, rotate: bool
         if name.endswith(".gz"):
             with open(path, "wb") as fh, gzip.GzipFile(filename=name[:-3], mode="wb", fileobj=fh, mtime=int(last.timestamp()), compresslevel=6) as gz:
                 gz.write(data)
-        elif name.endswith(".zst") or (names is not None and getattr(names, "zstd", False)):
-            import zstandard
-
-            path.write_bytes(zstandard.ZstdCompressor(level=6).compress(data))
         else:
             path.write_bytes(data)
         os.utime(path, (last.timestamp(), last.timestamp()))

@@ -68,7 +68,7 @@ def render(world, *, timestamps: str = "syslog", noise: bool = True) -> pl.DataF
     # --- delivery records ---------------------------------------------------------------------
     tries = t.filter(pl.col("agent") != "qmgr")
     remote = pl.col("smtp_code").is_not_null()
-    stage_txt = pl.when(pl.col("smtp_stage") == "end of DATA").then(pl.lit("end of DATA")).otherwise(pl.col("smtp_stage"))
+    stage_txt = pl.col("smtp_stage")  # Postfix names them as the canonical stages do: RCPT TO, MAIL FROM, end of DATA
     said = lambda h, ip: pl.format("host {}[{}] said: {} (in reply to {} command)", h, ip, pl.col("reply_text").str.replace_all("\n", " ", literal=True), stage_txt)  # noqa: E731
     start = pl.col("ts") - _us(pl.col("delays_c") + pl.col("delays_d"))
     smtp_prog = pl.format("{}/smtp[{}]", inst, "pid")

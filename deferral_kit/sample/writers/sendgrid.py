@@ -14,7 +14,6 @@ import io
 import os
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
 from .common import base62, rng_for

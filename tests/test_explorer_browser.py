@@ -1,0 +1,126 @@
+"""The explorer notebook in a real browser: headless JupyterLab, the system Chromium driven by
+Playwright, run all cells, pick a provider in the drop-down and see the chart and the totals change.
+
+Data: the report world (``tests/report_world.py``) as Parquet; the notebook's ``inputs`` point at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import report_world as world
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+HOURS = 24 * 14
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _notebook(tmp: Path, parquet: str) -> Path:
+    """A copy of notebooks/explorer.ipynb whose parameters cell reads ``parquet``."""
+    nb = json.loads((ROOT / "notebooks" / "explorer.ipynb").read_text(encoding="utf-8"))
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    src = "".join(cell["source"])
+    assert "inputs: list = []" in src
+    cell["source"] = src.replace("inputs: list = []", f"inputs: list = [{parquet!r}]")
+    path = tmp / "explorer.ipynb"
+    path.write_text(json.dumps(nb), encoding="utf-8")
+    return path
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"jupyter lab exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"jupyter lab did not answer {url} within {timeout} s")
+
+
+@pytest.mark.slow  # JupyterLab + Chromium + a kernel (~30-60 s)
+def test_explorer_in_jupyterlab(tmp_path):
+    pytest.importorskip("playwright", reason="playwright is in the dev extra: pip install -e '.[dev]'")  # noqa: the dev extra installs it
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "the system Chromium (/usr/bin/chromium) is required"
+    work = tmp_path / "lab"
+    work.mkdir()
+    parquet = world.write(work / "attempts.parquet")
+    _notebook(work, parquet)
+    token, port = secrets.token_hex(16), _free_port()
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
+    jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent)) or str(Path(sys.executable).parent / "jupyter")
+    cmd = [jupyter, "lab", "--no-browser", f"--ServerApp.token={token}", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.root_dir={work}", "--ServerApp.port_retries=0", "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+           "--LabApp.extension_manager=readonly", "--ServerApp.terminals_enabled=False"]
+    if os.geteuid() == 0:  # CI and the dev machines run as root
+        cmd.append("--allow-root")
+    log = open(tmp_path / "lab.log", "w")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_server(f"{base}/api/status?token={token}", proc)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}", wait_until="domcontentloaded")
+                page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+                chart = page.locator(".dk-explorer-chart svg").first
+                chart.wait_for(timeout=120_000)
+                status = page.locator(".widget-html-content", has_text="tries against MX hosts").first
+                assert f"103 452 4.3.1 of {5 * 60 * HOURS:,} tries" in status.inner_text()
+                before = page.locator(".dk-explorer-chart").first.inner_html()
+
+                provider = page.locator(".widget-dropdown", has=page.locator("label", has_text="provider")).locator("select")
+                provider.select_option("google")
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('.widget-html-content')].some(e => e.textContent.includes('0 452 4.3.1 of 20,160 tries'))",
+                    timeout=60_000,
+                )
+                page.wait_for_function("(old) => document.querySelector('.dk-explorer-chart').innerHTML !== old", arg=before, timeout=60_000)
+                after = page.locator(".dk-explorer-chart").first.inner_html()
+                assert "<svg" in after and after != before
+                # the other drop-downs follow the provider
+                domains = page.locator(".widget-dropdown", has=page.locator("label", has_text="destination")).locator("option").all_inner_texts()
+                assert domains == ["(all)", "gmail.com"]
+                page.screenshot(path=str(tmp_path / "explorer.png"))
+            finally:
+                browser.close()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server shuts its kernels down on SIGTERM
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
