@@ -218,6 +218,13 @@ def _cmd_report(args) -> int:
         inputs = [params["inputs"]] if isinstance(params["inputs"], str) else list(params["inputs"])
         discover(inputs)  # a missing file fails here, before a kernel starts
         params["inputs"] = [str(Path(x).resolve()) if not any(c in str(x) for c in "*?[") else str(Path.cwd() / x) for x in inputs]
+    import signal
+
+    # systemd/cron stop a run with SIGTERM: exit through Python so the staging folder is removed
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        pass
     try:
         report.run(notebook=args.notebook, parameters=params, out=args.out, progress=not args.no_progress)
     except report.ReportError as exc:

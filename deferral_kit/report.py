@@ -415,7 +415,9 @@ def run(*, notebook: str = "weekly_report", parameters: dict[str, Any] | None = 
     Files land in ``<out>/<label>/``: ``<name>.html``, the executed ``<name>.ipynb`` and
     ``<name>.metrics.json``.  ``label`` is the ``week`` the notebook recorded (else ``undated``).
     Raises :class:`InputError` for bad parameters and :class:`ReportError` when a cell fails;
-    either way nothing under ``out`` changes except a removed staging folder.
+    either way nothing under ``out`` changes except a removed staging folder.  The notebook must
+    call :func:`setup` before its first chart: a page that would load anything from the network
+    is not published.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -428,6 +430,9 @@ def run(*, notebook: str = "weekly_report", parameters: dict[str, Any] | None = 
     check_parameters(path, params)
     out = Path(out).resolve()  # the kernel runs in the staging folder: no relative paths
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.staging"):  # left by a run that was killed (SIGKILL, power loss)
+        if time.time() - stale.stat().st_mtime > 86_400:
+            shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".staging", dir=out))  # same file system: renames are atomic
     try:
         executed = staging / f"{name}.ipynb"
@@ -438,6 +443,8 @@ def run(*, notebook: str = "weekly_report", parameters: dict[str, Any] | None = 
                 papermill.execute_notebook(
                     str(path), str(executed), parameters=params, kernel_name="python3",
                     progress_bar=progress, cwd=str(staging), log_output=False,
+                    # ipykernel 7 warns about unencrypted local TCP on every run: noise under cron
+                    extra_arguments=["--IPKernelApp.log_level=ERROR"],
                 )
         except PapermillExecutionError as exc:
             raise ReportError(f"{name}: cell {exc.exec_count} failed: {_cell_error(exc)}") from None

@@ -255,3 +255,19 @@ def test_default_run_on_the_bundled_sample_matches_its_truth(tmp_path, monkeypat
     assert report.external_references(page) == []
     assert {a for a in re.findall(r"[\w.+-]+@[\w-]+\.[\w.-]+", page) if not a.startswith("***")} == set()
     assert f"wrote {folder / 'weekly_report.html'}" in capsys.readouterr().err
+
+
+def test_bad_parameters_fail_before_a_kernel_starts(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("display_tz: Europe/Berlin\ncolour: red\n")
+    out = tmp_path / "reports"
+    assert cli.main(["report", "--params", str(params), "--out", str(out)]) == 2
+    assert "unknown parameter(s) colour" in capsys.readouterr().err
+    params.write_text("- just\n- a list\n")
+    assert cli.main(["report", "--params", str(params), "--out", str(out)]) == 2
+    assert "expected a mapping of parameter names to values" in capsys.readouterr().err
+    assert cli.main(["report", "-p", "top_n", "--out", str(out)]) == 2
+    assert "-p 'top_n': expected NAME=VALUE" in capsys.readouterr().err
+    assert cli.main(["report", "--notebook", "nope", "--out", str(out)]) == 2
+    assert "notebook 'nope' not found" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []

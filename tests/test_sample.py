@@ -253,3 +253,14 @@ def test_bundled_sample_is_reproducible_from_its_documented_command():
     cfg = WorldConfig(days=7, seed=47, messages_per_day=2000)
     cfg.episodes = default_episodes(cfg)
     assert json.loads(json.dumps(generate(cfg).summary())) == json.loads((SAMPLE / "truth.json").read_text())
+
+
+def test_smarthost_relay_world_sends_everything_to_the_relay():
+    w = generate(WorldConfig(days=1, seed=4, messages_per_day=400, relay=("exch01.corp.example", "10.20.0.30"), episodes=[
+        Episode("relay-disk", kind="sender_relay", host="exch01.corp.example", host_ip="10.20.0.30", probability=1.0,
+                start="2026-11-16T12:00Z", end="2026-11-16T13:00Z")]))
+    mx = w.mx_attempts()
+    assert set(mx["mx_host"]) == {"exch01.corp.example"} and set(mx["mx_ip"]) == {"10.20.0.30"}
+    # the relay accepts everything it is offered, except while its queue disk is full
+    assert dict(mx.group_by("outcome").len().iter_rows()) == {"delivered": w.messages.height, "deferred": mx.filter(pl.col("episode") == "relay-disk").height}
+    assert (mx.filter(pl.col("outcome") == "delivered")["response"].str.contains(r"^250 2\.6\.0 <[^>]+> \[InternalId=\d+, Hostname=EXCH01\.corp\.example\] Queued mail for delivery$")).all()

@@ -112,35 +112,38 @@ def categorise(rules: list[tuple[pl.Expr, str, str | pl.Expr]], *, default_reaso
     return cat.otherwise(pl.lit("skipped")).alias("category"), rea.otherwise(default_reason).alias("reason")
 
 
-def number_attempts(frame: pl.LazyFrame) -> pl.LazyFrame:
-    """Fill ``attempt`` from ``attempt_given`` (the ESP's counter) where there is one, else derive it:
-    within (message_key, recipient) in time order, count on from the last given number (a delivery
-    after "attempt 5" deferrals is attempt 6), or from 1 when the ESP never numbers its tries."""
+def number_attempts(frame: pl.DataFrame) -> pl.Series:
+    """``attempt`` for each row of ``frame``: ``attempt_given`` (the ESP's counter) where there is
+    one, else derived within (message_key, recipient) in time order, counting on from the last
+    given number (a delivery after "attempt 5" deferrals is attempt 6), or from 1 when the ESP
+    never numbers its tries.  Computed on a narrow copy so the wide frame is never re-sorted."""
     k = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
-    given = pl.col("attempt_given").cast(pl.Int64, strict=False)
     # One u64 per (message_key, recipient): windows over an integer key are much cheaper than
     # over two strings.
-    grp = "_grp"
+    narrow = frame.select(
+        pl.int_range(pl.len()).alias("_row"),
+        pl.struct("message_key", "recipient").hash().alias("_grp"),
+        "ts", "file", "line_no",
+        pl.col("attempt_given").cast(pl.Int64, strict=False).alias("_g"),
+    ).sort("_grp", "ts", "file", "line_no")
     return (
-        frame.with_columns(pl.struct("message_key", "recipient").hash().alias(grp))
-        .sort(grp, "ts", "file", "line_no")
-        .with_columns(k.over(grp).alias("_k"), given.alias("_g"))
+        narrow.with_columns(k.over("_grp").alias("_k"))
         .with_columns(
-            pl.col("_g").forward_fill().over(grp).alias("_last_g"),
-            pl.when(pl.col("_g").is_not_null()).then(pl.col("_k")).forward_fill().over(grp).alias("_k_at_g"),
+            pl.col("_g").forward_fill().over("_grp").alias("_last_g"),
+            pl.when(pl.col("_g").is_not_null()).then(pl.col("_k")).forward_fill().over("_grp").alias("_k_at_g"),
         )
-        .with_columns(
-            pl.coalesce(pl.col("_g"), pl.col("_last_g") + pl.col("_k") - pl.col("_k_at_g"), pl.col("_k")).cast(pl.Int32).alias("attempt")
-        )
-        .drop(grp, "_k", "_g", "_last_g", "_k_at_g", "attempt_given")
-        .sort("ts", "file", "line_no")
+        .select("_row", pl.coalesce("_g", pl.col("_last_g") + pl.col("_k") - pl.col("_k_at_g"), "_k").cast(pl.Int32).alias("attempt"))
+        .sort("_row")
+        .get_column("attempt")
     )
 
 
 def run(files: list[SourceFile], *, fmt: str, dtype: pl.Struct, classify: Callable[[pl.LazyFrame], pl.LazyFrame],
         rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool) -> Load:
     """Load one ESP's files: decode (``_json``), ``classify`` each record, then :func:`finish`."""
-    recs, problems = _json.collect(files, dtype, classify)
+    # The record hash (for duplicates) is computed inside the streaming plan: hashing a whole
+    # struct column at once materialises a row encoding as large as the records.
+    recs, problems = _json.collect(files, dtype, lambda lf: classify(lf).with_columns(pl.col("rec").hash().alias("_hash")))
     return finish(recs, fmt=fmt, rows=rows, dedupe=dedupe, problems=problems)
 
 
@@ -150,11 +153,11 @@ def finish(records: pl.DataFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl
     ``attempt_given`` when the ESP numbers its tries), possibly several rows per record (one per
     recipient).  Records identical to one already read (webhook retries, the same export given
     twice, SES SNS and Firehose copies) are counted as ``duplicate`` when ``dedupe``."""
-    recs = records
+    recs = records if "_hash" in records.columns else records.with_columns(pl.col("rec").hash().alias("_hash"))
     if dedupe:
         # A 64-bit hash of the decoded record stands in for its text (collisions are negligible
         # at millions of records), so no copy of every record's JSON is kept.
-        dup = (pl.col("category") == "attempt") & ~pl.col("rec").hash().is_first_distinct()
+        dup = (pl.col("category") == "attempt") & ~pl.col("_hash").is_first_distinct()
         recs = recs.with_columns(
             pl.when(dup).then(pl.lit("duplicate")).otherwise("category").alias("category"),
             pl.when(dup).then(pl.lit("identical record already read")).otherwise("reason").alias("reason"),
@@ -176,5 +179,6 @@ def finish(records: pl.DataFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl
     att = rows(recs.lazy().filter(pl.col("category") == "attempt"))
     if "attempt_given" not in att.collect_schema():
         att = att.with_columns(pl.lit(None, pl.Int64).alias("attempt_given"))
-    att = number_attempts(att.with_columns(pl.lit(fmt).alias("source")))
+    att = att.with_columns(pl.lit(fmt).alias("source")).collect()
+    att = att.with_columns(number_attempts(att)).drop("attempt_given")
     return Load(attempts=schema.conform(att.lazy()), connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

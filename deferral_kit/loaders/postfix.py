@@ -148,27 +148,22 @@ def _iso_ts(col: str) -> pl.Expr:
     )
 
 
-def _lines(files: list[SourceFile], options: LoadOptions) -> pl.LazyFrame:
-    """Per-line header fields: fidx, line_no, line, ts, log_host, prog, msg."""
-    frames = []
-    for fidx, sf in enumerate(files):
-        lf = scan_lines([sf])
-        last_month = _last_syslog_month(sf)
-        end_year = _end_year(sf, options, last_month)
-        frames.append(
-            lf.select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", "line")
-            .with_columns(pl.col("line").str.extract_groups(HEADER_RE).alias("h"))
-            .unnest("h")
-            # the capture engine only runs over the short header; the message is sliced off
-            .with_columns(
-                pl.col("line").str.slice(pl.col("hdr").str.len_chars()).alias("msg")
-            )
-            .with_columns(
-                pl.coalesce(_iso_ts("ship"), _iso_ts("iso"), _syslog_ts(end_year, last_month, options.tz)).alias("ts")
-            )
-            .drop("hdr", "ship", "iso", "mon", "day", "hms")
-        )
-    return pl.concat(frames, how="vertical")
+def _file_lines(fidx: int, sf: SourceFile, options: LoadOptions, *, offset: int = 0, length: int | None = None) -> pl.LazyFrame:
+    """Header fields of lines ``offset .. offset+length`` of one file: fidx, line_no, line, ts,
+    host, prog, msg."""
+    last_month = _last_syslog_month(sf)
+    end_year = _end_year(sf, options, last_month)
+    return (
+        scan_lines([sf])
+        .slice(offset, length)
+        .select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", "line")
+        .with_columns(pl.col("line").str.extract_groups(HEADER_RE).alias("h"))
+        .unnest("h")
+        # the capture engine only runs over the short header; the message is sliced off
+        .with_columns(pl.col("line").str.slice(pl.col("hdr").str.len_chars()).alias("msg"))
+        .with_columns(pl.coalesce(_iso_ts("ship"), _iso_ts("iso"), _syslog_ts(end_year, last_month, options.tz)).alias("ts"))
+        .drop("hdr", "ship", "iso", "mon", "day", "hms")
+    )
 
 
 def _hostip(i: int) -> tuple[pl.Expr, pl.Expr]:
@@ -317,11 +312,30 @@ def _classified(lines: pl.LazyFrame, dup_hashes: pl.DataFrame | None) -> pl.Lazy
     return lf.with_columns(category.cast(_CATEGORY).alias("category"), reason.alias("reason"))
 
 
+BATCH_LINES = 400_000  # lines parsed per streaming pass (bounds memory; ~300 MB per pass)
+
 _PER_LINE = ("ts", "kind", "host", "instance", "daemon")
 _RECORD_COLS = (
     "fidx", "line_no", "ts", "kind", "category", "host", "instance", "daemon", "queue_id", "to", "orig", "relay", "kv", "dsn",
     "status", "rtext", "r_host", "r_ip", "event", "smtp_stage", "reply", "suspended", "sender", "size", "message_id",
 )
+
+
+def _compact(classified: pl.LazyFrame) -> pl.LazyFrame:
+    """Per-line category and reason (categorical), plus the parsed fields on record lines only."""
+    rec_mask = pl.col("category").is_in(["attempt", "connection", "context"])
+    return classified.select(
+        "fidx",
+        "line_no",
+        "category",
+        pl.col("reason").cast(pl.Categorical).alias("acc_reason"),
+        # (the parsed fields are null off their own kind of line already)
+        *[
+            pl.when(rec_mask).then(pl.col(c)).alias(c) if c in _PER_LINE else pl.col(c)
+            for c in _RECORD_COLS
+            if c not in ("fidx", "line_no", "category")
+        ],
+    )
 
 
 # --- records → canonical tables ---------------------------------------------------------------
@@ -436,43 +450,37 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     or malformed)."""
     if not files:
         return Load()
-    lines = _lines(files, options)
     dup_hashes = None
     if options.dedupe and len(files) > 1:
         # A line already read from an earlier file (overlapping rotated copies) is a duplicate;
         # only hashes seen in more than one file are kept, so the join table stays small.
         dup_hashes = (
-            lines.select("fidx", pl.col("line").hash().alias("_hash"))
+            pl.concat([scan_lines([sf]).select(pl.lit(i, pl.Int32).alias("fidx"), "line") for i, sf in enumerate(files)])
+            .select("fidx", pl.col("line").hash().alias("_hash"))
             .group_by("_hash")
             .agg(pl.col("fidx").min().alias("_first"), pl.col("fidx").n_unique().alias("_n"))
             .filter(pl.col("_n") > 1)
             .drop("_n")
             .collect(engine="streaming")
         )
-    classified = _classified(lines, dup_hashes)
-    rec_mask = pl.col("category").is_in(["attempt", "connection", "context"])
-    compact = classified.select(
-        "fidx",
-        "line_no",
-        "category",
-        # per-line columns kept small: one category code per reason; record fields only on record lines
-        pl.col("reason").cast(pl.Categorical).alias("acc_reason"),
-        # (the parsed fields are null off their own kind of line already)
-        *[
-            pl.when(rec_mask).then(pl.col(c)).alias(c) if c in _PER_LINE else pl.col(c)
-            for c in _RECORD_COLS
-            if c not in ("fidx", "line_no", "category")
-        ],
-    )
-    # The per-line frame goes through a scratch Parquet file: the streaming engine keeps memory
-    # bounded while parsing, and the records read back own compact buffers instead of pinning
+    # Lines are parsed in batches, each streamed to a scratch Parquet file: memory stays bounded
+    # whatever the file size, and the records read back own compact buffers instead of pinning
     # the raw line buffers their strings were sliced from.
     with tempfile.TemporaryDirectory(prefix="deferral_kit_postfix_") as tmp:
-        part = Path(tmp) / "lines.parquet"
-        compact.sink_parquet(part, engine="streaming")
-        df_lines = pl.scan_parquet(part)
-        acc_frame = df_lines.select("fidx", "line_no", "category", "acc_reason").collect()
-        rec = df_lines.filter(pl.col("category").is_in(["attempt", "connection", "context"])).drop("acc_reason").collect()
+        parts = []
+        for fidx, sf in enumerate(files):
+            offset = 0
+            while True:
+                part = Path(tmp) / f"{fidx}_{offset}.parquet"
+                lines = _file_lines(fidx, sf, options, offset=offset, length=BATCH_LINES)
+                _compact(_classified(lines, dup_hashes)).sink_parquet(part, engine="streaming")
+                parts.append(part)
+                if pl.scan_parquet(part).select(pl.len()).collect().item() < BATCH_LINES:
+                    break
+                offset += BATCH_LINES
+        per_line = pl.scan_parquet(parts)
+        acc_frame = per_line.select("fidx", "line_no", "category", "acc_reason").collect()
+        rec = per_line.filter(pl.col("category").is_in(["attempt", "connection", "context"])).drop("acc_reason").collect()
     names = [sf.name for sf in files]
     file_names = pl.DataFrame({"fidx": list(range(len(files))), "file": names}, schema={"fidx": pl.Int32, "file": pl.String})
 

@@ -62,4 +62,9 @@ def cli(args) -> int:
     total = sum(p.stat().st_size for p in paths)
     print(f"wrote {len(paths)} {args.format} file(s), {total / 1e6:.1f} MB, to {out}: {world.envelopes.height:,} messages, "
           f"{world.truth.height:,} attempts ({world.mx_attempts().height:,} against an MX)")
+    print(f"truth: {out / 'truth.json'}; parse with: deferral-kit parse '{out / _GLOBS[args.format]}' --out attempts.parquet")
     return 0
+
+
+# The log files of each format (the output folder also holds truth.json).
+_GLOBS = {"postfix": "mail.log*", "exim": "mainlog*", "powermta": "acct-*.csv", "kumomta": "2*-*", "sendgrid": "sendgrid-events*.jsonl"}
