@@ -77,7 +77,7 @@ def cube(attempts: pl.LazyFrame | pl.DataFrame, *, top: int = 500, resolution: s
 def _files(inputs: Sequence[str]) -> list[Path]:
     from .sources import discover
 
-    return sorted({Path(f.path if hasattr(f, "path") else f) for f in discover(list(inputs))})
+    return sorted({Path(f.path) for f in discover(list(inputs))})
 
 
 def load_cube(inputs: Sequence[str], *, format: str = "auto", log_tz: str = "UTC", year: int | None = None, top: int = 500) -> pl.DataFrame:

@@ -31,7 +31,6 @@ Verdict per day and provider (family by default):
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -160,30 +159,52 @@ def load_plan(path: str | Path) -> pl.DataFrame:
             for k, v in enumerate(ramp["volumes"]):
                 rows.append({**{key: ramp.get(key) for key in ("ip", "pool", "provider", "domain")}, "date": start + timedelta(days=k), "planned_volume": v})
     elif p.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            frame = pl.read_csv(p, infer_schema=False)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise _plan_error(p, f"not a readable CSV ({exc})") from exc
     else:
         raise _plan_error(p, "use a .csv or .yaml file")
-    if not rows:
+    if p.suffix.lower() in (".yaml", ".yml"):
+        if not all(isinstance(r, dict) for r in rows):
+            raise _plan_error(p, "every 'plan' row must be a mapping")
+        keys = sorted({k for r in rows for k in r})
+        frame = pl.DataFrame({k: [None if r.get(k) is None else str(r.get(k)) for r in rows] for k in keys}, schema={k: pl.String for k in keys})
+    return _normalise_plan(frame, p)
+
+
+def _normalise_plan(frame: pl.DataFrame, p: Path) -> pl.DataFrame:
+    """Plan rows (all strings) to :data:`PLAN_COLUMNS`; the first bad row is named in the error."""
+    if frame.height == 0:
         raise _plan_error(p, "no rows")
-    out = {k: [] for k in PLAN_COLUMNS}
-    for i, r in enumerate(rows):  # plan rows: one per IP per day, hundreds at most
-        if not isinstance(r, dict):
-            raise _plan_error(p, f"row {i + 1} is not a mapping")
-        sender = r.get("ip") or r.get("pool")
-        if not sender:
-            raise _plan_error(p, f"row {i + 1} needs 'ip' or 'pool'")
-        try:
-            planned = int(float(r.get("planned_volume", r.get("planned", ""))))
-        except (TypeError, ValueError):
-            raise _plan_error(p, f"row {i + 1}: planned_volume must be a number, got {r.get('planned_volume')!r}") from None
-        out["sender"].append(str(sender).strip())
-        out["target"].append(str(r.get("provider") or r.get("domain") or "*").strip().lower())
-        out["date"].append(_date(r.get("date"), p, row=i + 1))
-        out["planned"].append(planned)
-    return pl.DataFrame(out, schema=PLAN_COLUMNS).sort("sender", "target", "date")
+
+    def col(*names: str) -> pl.Expr:
+        have = [pl.col(n).str.strip_chars().replace("", None) for n in names if n in frame.columns]
+        return pl.coalesce(*have, pl.lit(None, dtype=pl.String)) if have else pl.lit(None, dtype=pl.String)
+
+    volume = col("planned_volume", "planned")
+    out = frame.with_row_index("_row", offset=1).select(
+        "_row",
+        col("ip", "pool").alias("sender"),
+        col("provider", "domain").fill_null("*").str.to_lowercase().alias("target"),
+        col("date").alias("_date"),
+        col("date").str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False).alias("date"),
+        volume.alias("_volume"),
+        volume.cast(pl.Float64, strict=False).cast(pl.Int64, strict=False).alias("planned"),
+    )
+    checks = (
+        (pl.col("sender").is_null(), lambda r: f"row {r['_row']} needs 'ip' or 'pool'"),
+        (pl.col("date").is_null(), lambda r: f"row {r['_row']}: date {r['_date']!r} is not YYYY-MM-DD"),
+        (pl.col("planned").is_null(), lambda r: f"row {r['_row']}: planned_volume must be a number, got {r['_volume']!r}"),
+    )
+    for bad, message in checks:  # three checks; the first offending row is reported
+        rows = out.filter(bad)
+        if rows.height:
+            raise _plan_error(p, message(rows.row(0, named=True)))
+    return out.select(list(PLAN_COLUMNS)).sort("sender", "target", "date")
 
 
-def _date(value, path: Path, row: int | None = None) -> date:
+def _date(value, path: Path) -> date:
     if isinstance(value, datetime):
         return value.date()
     if isinstance(value, date):
@@ -191,8 +212,7 @@ def _date(value, path: Path, row: int | None = None) -> date:
     try:
         return date.fromisoformat(str(value).strip())
     except ValueError:
-        where = f"row {row}: " if row else ""
-        raise _plan_error(path, f"{where}date {value!r} is not YYYY-MM-DD") from None
+        raise _plan_error(path, f"ramp start {value!r} is not YYYY-MM-DD") from None
 
 
 def plan_vs_actual(attempts: pl.LazyFrame, plan: pl.DataFrame) -> pl.DataFrame:
@@ -225,7 +245,8 @@ def ramp(attempts: pl.LazyFrame, *, plan: pl.DataFrame | None = None, step_ratio
     """Per day × sending IP (every day of the data, zero-filled): ``recipients`` (first tries, all
     providers), ``attempts``, ``previous_high`` (highest daily recipients of the previous 7 days),
     ``growth`` (recipients / previous_high), ``step``, ``days_since_first`` (days since the IP's first
-    traffic in the data), ``planned`` (plan rows for the IP summed over targets, when a plan is given),
+    traffic in the data), ``planned`` (the plan's ``*`` row for the IP, else its rows summed over
+    targets; null without a plan),
     ``warming`` and ``recent_step`` (a step today or yesterday).  Rules in the module docstring."""
     daily = attempts.group_by("day", SENDING_IP).agg(_counts()[:2]).collect()
     if daily.height == 0:
@@ -248,7 +269,12 @@ def ramp(attempts: pl.LazyFrame, *, plan: pl.DataFrame | None = None, step_ratio
     stepped = pl.col("step").cast(pl.Int8)
     warming = stepped.rolling_max(settle_days, min_samples=1).over(SENDING_IP) > 0
     if plan is not None and plan.height:
-        planned = plan.group_by(pl.col("sender").alias(SENDING_IP), pl.col("date").alias("day")).agg(pl.col("planned").sum())
+        # the IP's whole-traffic rows ("*") when it has them, else its per-provider rows added up
+        has_all = (pl.col("target") == "*").any().over("sender")
+        planned = (
+            plan.filter(~has_all | (pl.col("target") == "*"))
+            .group_by(pl.col("sender").alias(SENDING_IP), pl.col("date").alias("day")).agg(pl.col("planned").sum())
+        )
         # the plan ramps until its last increase; warming lasts settle_days beyond it
         last_rise = (
             planned.sort(SENDING_IP, "day")

@@ -60,10 +60,27 @@ def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90) -> N
     raise TimeoutError(f"jupyter lab did not answer {url} within {timeout} s")
 
 
+def _run_all(page, tries: int = 3) -> None:
+    """Run > Run All Cells, once the kernel is idle; again if no cell started (the menu can open
+    before the notebook panel is ready for commands)."""
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+    for _ in range(tries):
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        item = page.locator(".lm-Menu-item", has_text="Run All Cells").first
+        item.wait_for(timeout=10_000)
+        item.click()
+        try:
+            page.wait_for_function("() => [...document.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))",
+                                   timeout=15_000)
+            return
+        except Exception:
+            page.keyboard.press("Escape")
+    raise AssertionError("Run All Cells did not start the notebook")
+
+
 @pytest.mark.slow  # JupyterLab + Chromium + a kernel (~30-60 s)
 def test_explorer_in_jupyterlab(tmp_path):
-    pytest.importorskip("playwright", reason="playwright is in the dev extra: pip install -e '.[dev]'")  # noqa: the dev extra installs it
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import sync_playwright  # the dev extra; uses the system Chromium, no `playwright install`
 
     assert Path(CHROMIUM).exists(), "the system Chromium (/usr/bin/chromium) is required"
     work = tmp_path / "lab"
@@ -90,11 +107,8 @@ def test_explorer_in_jupyterlab(tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}", wait_until="domcontentloaded")
                 page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-                page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-                page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-                chart = page.locator(".dk-explorer-chart svg").first
-                chart.wait_for(timeout=120_000)
+                _run_all(page)
+                page.locator(".dk-explorer-chart svg").first.wait_for(timeout=120_000)
                 status = page.locator(".widget-html-content", has_text="tries against MX hosts").first
                 assert f"103 452 4.3.1 of {5 * 60 * HOURS:,} tries" in status.inner_text()
                 before = page.locator(".dk-explorer-chart").first.inner_html()
@@ -111,7 +125,9 @@ def test_explorer_in_jupyterlab(tmp_path):
                 # the other drop-downs follow the provider
                 domains = page.locator(".widget-dropdown", has=page.locator("label", has_text="destination")).locator("option").all_inner_texts()
                 assert domains == ["(all)", "gmail.com"]
-                page.screenshot(path=str(tmp_path / "explorer.png"))
+            except Exception:
+                page.screenshot(path=str(tmp_path / "failure.png"))  # kept in pytest's tmp dir for diagnosis
+                raise
             finally:
                 browser.close()
     finally:

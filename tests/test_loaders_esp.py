@@ -115,10 +115,10 @@ def test_anymail_payloads_give_the_events_anymail_expects(realworld, tmp_path, e
     acc = res.accounting
     # one accounting row per event: a batch payload (SparkPost) counts its events
     assert acc.lines_read == sum(len(c["payload"]) if isinstance(c["payload"], list) else 1 for c in cases)
-    for test, category in not_attempts.items():
-        line_no = next(i for i, c in enumerate(cases, 1) if c["test"] == test)
-        assert acc.examples.filter(pl.col("line_no") == line_no).height <= 1
-        assert acc.count(category) >= 1
+    # the delivery events without a timestamp are malformed (named in the accounting), not dropped
+    malformed = [c for c in not_attempts.values() if c == "malformed"]
+    assert acc.count("malformed") == len(malformed)
+    assert acc.count("attempt") + acc.count("skipped") + acc.count("malformed") == acc.lines_read
 
 
 def test_anymail_sendgrid_fields(realworld, tmp_path):
@@ -127,7 +127,8 @@ def test_anymail_sendgrid_fields(realworld, tmp_path):
     deferred = _one(df, outcome="deferred")
     # SendGrid replaced the receiver's reply with its own summary: kept, but no code is invented.
     assert deferred["response"] == "Email was deferred due to the following reason(s): [IPs were throttled by recipient server]"
-    assert deferred["smtp_code"] is None and deferred["enhanced_code"] is None and deferred["remote"] is None
+    assert deferred["smtp_code"] is None and deferred["enhanced_code"] is None
+    assert deferred["remote"] is True  # "throttled by recipient server": the receiver answered
     assert deferred["attempt"] == 1 and deferred["agent"] == "smtp" and deferred["mx_host"] is None
     assert deferred["ts"] == _ts(2016, 4, 21, 1, 9, 50)
     assert deferred["queue_id"] == "u9Gvi3mzT6iC2poAb58_qQ"
@@ -237,7 +238,7 @@ def test_sendgrid_microsoft_452_retry_then_delivery():
     df = _rows(res).filter(pl.col("recipient") == "ana@contoso.com").sort("ts")
     assert df.select("outcome", "attempt", "smtp_code", "enhanced_code", "remote").rows() == [
         ("deferred", 1, 452, "4.3.1", True),
-        ("deferred", 2, None, None, None),
+        ("deferred", 2, None, None, True),
         ("delivered", 3, 250, "2.6.0", True),
     ]
     first = df.row(0, named=True)
@@ -413,3 +414,30 @@ def test_generated_sendgrid_events_match_the_worlds_truth(tmp_path):
     assert paired.filter(pl.col("smtp_code").ne_missing(pl.col("smtp_code_truth"))).height == 0
     assert paired.filter(pl.col("remote").ne_missing(pl.col("remote_truth"))).height == 0
     assert res.accounting.count("skipped", "processed (accepted by SendGrid, not a delivery attempt)") == world.messages.height
+
+
+def test_large_pretty_printed_batch_is_detected_from_its_head(tmp_path):
+    # 64 KiB of head cut a pretty-printed array mid-way: detection reads its first element
+    events = [{"email": f"u{i}@outlook.com", "timestamp": 1794909600 + i, "event": "deferred", "attempt": "1",
+               "response": "452 4.3.1 Insufficient system resources (TSTE) [outlook.com]",
+               "sg_event_id": f"e{i}", "sg_message_id": f"m{i}.filter0001.1.AB.0"} for i in range(2000)]
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(events, indent=2))
+    assert path.stat().st_size > 65536
+    assert detect(discover([path])[0]) == "sendgrid"
+    df = _rows(load([path]))
+    assert df.height == 2000 and df["line_no"].to_list() == list(range(1, 2001))
+    assert df.filter(pl.col("smtp_code") == 452, pl.col("enhanced_code") == "4.3.1", pl.col("attempt") == 1).height == 2000
+
+
+def test_ses_firehose_objects_concatenated_without_newlines(tmp_path):
+    # Kinesis Firehose writes records back to back unless a delimiter is configured
+    records = [json.loads(line) for line in (FIX / "ses_firehose.jsonl").read_text().splitlines()]
+    path = tmp_path / "firehose-2026-11-17-10-05"
+    path.write_text("".join(json.dumps(r) for r in records) + "\n")
+    res = load([path])
+    df = _rows(res)
+    assert df.select("line_no", "recipient", "outcome", "smtp_code").sort("recipient").rows() == [
+        (1, "ana@contoso.com", "deferred", 452), (1, "bo@contoso.com", "deferred", 452)]
+    assert res.accounting.count("skipped", "engagement event: Open") == 1
+    assert res.accounting.examples.filter(pl.col("category") == "skipped")["line_no"].to_list() == [2]

@@ -2,14 +2,15 @@
 
 A file is either *JSON lines* (one JSON value per line; a value may itself be a batch
 array, as when webhook bodies are logged one per line) or one JSON *document* (a
-pretty-printed array or object, as SendGrid batches and SES examples are saved).  Every
-top-level value is wrapped into an array and decoded by polars with the loader's explicit
-dtype, then exploded, so a batch of N events becomes N records.  Leaf fields are declared
-as strings (polars renders JSON numbers and booleans as text), so ESPs that send a field
-sometimes as a number and sometimes as a string still decode; loaders cast afterwards.
+pretty-printed array or object, as SendGrid batches and SES examples are saved).  polars
+decodes every value with the loader's explicit dtype; batch arrays are exploded, so a batch
+of N events becomes N records.  Leaf fields are declared as strings (polars renders JSON
+numbers and booleans as text), so ESPs that send a field sometimes as a number and sometimes
+as a string still decode; loaders cast afterwards.  Plans run on the streaming engine, so a
+large export is never held in memory as text.
 
 Record numbers: for JSON lines ``line_no`` is the line; for a document it is the
-1-based index of the element in the top-level array.
+1-based index of the element in the top-level array, for concatenated objects the object's.
 """
 
 from __future__ import annotations
@@ -53,14 +54,22 @@ def first_values(text: str, n: int = 5) -> list:
 
 
 def _layout(sf: SourceFile) -> str:
-    """``single`` (JSON lines, one object per line), ``batches`` (JSON lines, some lines are arrays)
-    or ``document`` (one pretty-printed value), from the first lines of the file."""
-    lines = [ln.strip() for ln in head(sf).splitlines() if ln.strip()][:5]
+    """``single`` (JSON lines, one object per line), ``batches`` (JSON lines, some lines are arrays),
+    ``concatenated`` (objects back to back without newlines, as Kinesis Firehose writes them to
+    S3 unless told to add a delimiter) or ``document`` (one pretty-printed value), from the head."""
+    text = head(sf)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()][:5]
     for ln in lines[:3]:
         if ln[0] in "[{" and ln[-1] in "]}":
             try:
                 json.loads(ln)
             except ValueError:
+                try:
+                    _, end = _DECODER.raw_decode(ln)
+                except ValueError:
+                    continue
+                if ln[end:].lstrip().startswith("{"):
+                    return "concatenated"
                 continue
             return "batches" if any(x.startswith("[") for x in lines) else "single"
     return "document"
@@ -87,7 +96,7 @@ def _decode(raw: pl.LazyFrame, dtype: pl.Struct, *, layout: str, check: bool) ->
     )
     cols = ["file", "line_no", bad.alias("bad"), pl.when(~valid).then(s.str.strip_chars().str.slice(0, TEXT_LIMIT)).alias("text")]
     one = pl.when(valid & obj).then(s).str.json_decode(dtype)
-    if layout == "single" and not check:
+    if layout in ("single", "concatenated") and not check:
         # One record per line: no list building and exploding (the common, large case:
         # Firehose dumps, exported event logs).
         return raw.select(*cols, one.alias("rec"))
@@ -106,6 +115,15 @@ def _decode(raw: pl.LazyFrame, dtype: pl.Struct, *, layout: str, check: bool) ->
 
 
 def _raw(sf: SourceFile, layout: str) -> pl.LazyFrame:
+    if layout == "concatenated":
+        # Objects are split at "}{" boundaries (a JSON string never holds a raw newline, so the
+        # inserted one cannot land inside a value unless a string itself contains "}{").
+        return (
+            scan_lines([sf])
+            .with_columns(pl.col("line").str.replace_all(r"\}\s*\{", "}\n{").str.split("\n"))
+            .explode("line")
+            .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("line_no"))
+        )
     if layout != "document":
         return scan_lines([sf])
     text = sf.readable.read_bytes().decode("utf-8", errors="replace").lstrip("\ufeff")

@@ -33,7 +33,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import InputError, SourceFile, head
 from . import Load, LoadOptions
-from .generic import domain_of, normalize_host, number_attempts, reply_code, reply_enhanced
+from .generic import REPLY_REGEX, account, squash_spaces, domain_of, normalize_host, number_attempts
 
 FORMAT = "exchange"
 
@@ -102,7 +102,8 @@ def _layout(sf: SourceFile) -> tuple[list[str], int]:
 
 
 def _rows(sf: SourceFile) -> tuple[pl.LazyFrame, pl.LazyFrame]:
-    """(records with the file's own field names plus file, line_no, text; header lines)."""
+    """(records: file, line_no, the row's own checks and hash, and the used fields of attempt
+    rows only; header lines)."""
     fields, n_header = _layout(sf)
     lf = pl.scan_csv(
         sf.readable,
@@ -118,24 +119,34 @@ def _rows(sf: SourceFile) -> tuple[pl.LazyFrame, pl.LazyFrame]:
     # A row cut short (a log copied while being written) misses its last fields; only
     # schema-version (2016+) is always filled, so only there can truncation be told apart.
     complete = pl.col(fields[-1]).is_not_null() if fields[-1] == "schema-version" else pl.lit(True)
+    event = pl.col("event-id").str.strip_chars().str.to_uppercase()
+    # Identity of the whole row for the duplicate check: two independent 64-bit hashes of all
+    # fields (a collision of both is ~1e-27 per pair), so the row text is never built.
+    whole = pl.struct([pl.col(f).fill_null("") for f in fields])
+    # Only attempt rows need their fields after this scan: null the rest early (memory).
+    keep = event.is_in(_ATTEMPT_EVENTS).fill_null(False)
     rows = lf.select(
         pl.lit(sf.name).alias("file"),
         (pl.col("_row").cast(pl.Int64) + n_header + 1).alias("line_no"),
-        pl.concat_str([pl.col(f).fill_null("") for f in fields], separator=",").alias("text"),
         complete.alias("_complete"),
-        *[pl.col(f) for f in fields if f in _USED],
+        pl.all_horizontal([pl.col(f).fill_null("").str.strip_chars() == "" for f in fields]).alias("_blank"),
+        pl.col("date-time").str.contains(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d").fill_null(False).alias("_ts_ok"),
+        event.alias("_event"),
+        whole.hash(11).alias("_h1"),
+        whole.hash(29).alias("_h2"),
+        *[pl.when(keep).then(pl.col(f)).alias(f) for f in fields if f in _USED],
     )
     rows = rows.with_columns([pl.lit(None, dtype=pl.String).alias(f) for f in _USED if f not in fields])
     header = pl.LazyFrame(
         {"file": [sf.name] * n_header, "line_no": list(range(1, n_header + 1))},
         schema={"file": pl.String, "line_no": pl.Int64},
     )
-    return rows.select("file", "line_no", "text", "_complete", *_USED), header
+    return rows.select("file", "line_no", "_complete", "_blank", "_ts_ok", "_event", "_h1", "_h2", *_USED), header
 
 
 _USED = (
     "date-time", "client-ip", "client-hostname", "server-ip", "server-hostname", "source-context", "connector-id",
-    "source", "event-id", "internal-message-id", "message-id", "recipient-address", "recipient-status", "total-bytes",
+    "source", "internal-message-id", "message-id", "recipient-address", "recipient-status", "total-bytes",
     "sender-address", "return-path", "message-info",
 )
 
@@ -151,43 +162,56 @@ def _per_recipient(frame: pl.LazyFrame) -> pl.LazyFrame:
     frame = frame.with_columns(rcpts.alias("_rcpts"), statuses.alias("_statuses"))
     frame = frame.with_columns(pl.int_ranges(pl.col("_rcpts").list.len()).alias("_i")).explode("_rcpts", "_i")
     one = pl.col("_statuses").list.len() == 1
-    status = pl.when(one).then(pl.col("_statuses").list.first()).otherwise(pl.col("_statuses").list.get(pl.col("_i"), null_on_oob=True))
+    status = pl.when(one).then(pl.col("_statuses").list.first()).otherwise(pl.col("_statuses").list.get(pl.col("_i"), null_on_oob=True)).str.strip_chars()
     return frame.with_columns(
         pl.col("_rcpts").str.strip_chars().alias("recipient"),
-        pl.when(status.str.strip_chars() != "").then(status.str.strip_chars()).alias("_status"),
-    )
+        pl.when(status != "").then(status).alias("_status"),
+    ).drop("_rcpts", "_statuses", "_i", "recipient-address", "recipient-status")
 
 
 def _canonical(frame: pl.LazyFrame) -> pl.LazyFrame:
-    ev = pl.col("_event")
-    src = pl.col("source").str.to_uppercase()
+    # Staged: every regex runs once per row into a column that later steps read.
     status = pl.col("_status")
-    led = status.str.extract(r"\{LED=([^}]*)\}")
-    outer = led.fill_null(status)
-    inner = outer.str.extract(r'responded with:?\s*"?(\d{3}[ -][^"]*)"?')
-    # SEND: the next hop's reply to the end of data sits in source-context (";250 2.6.0 ... ;ClientSubmitTime:").
-    sent_reply = pl.col("source-context").str.extract(r"^;?\s*(?:[^;=]*=\s*)?([2-5]\d\d[ -][^;]*)")
+    frame = frame.with_columns(
+        _outer=status.str.extract(r"\{LED=([^}]*)\}").fill_null(status),
+        _fqdn=pl.when(status.str.contains("{FQDN=", literal=True)).then(status).str.extract(r"\{FQDN=([^}]*)\}"),
+        _ip=pl.when(status.str.contains("{IP=", literal=True)).then(status).str.extract(r"\{IP=([^}]*)\}"),
+        # SEND: the next hop's reply to the end of data sits in source-context (";250 2.6.0 ... ;ClientSubmitTime:").
+        _sent=pl.col("source-context").str.extract(r"^;?\s*(?:[^;=]*=\s*)?([2-5]\d\d[ -][^;]*)"),
+        _ev=pl.col("_event"),
+        _src=pl.col("source").str.to_uppercase(),
+    )
+    outer = pl.col("_outer")
+    ev = pl.col("_ev")
     is_send = ev.is_in(["SEND", "SENDEXTERNAL"])
-    response = pl.when(is_send & sent_reply.is_not_null()).then(sent_reply).otherwise(inner.fill_null(outer)).str.replace_all(r"\s+", " ").str.strip_chars()
-    outer_enh = reply_enhanced(outer)
-    expired = (ev == "FAIL") & outer.str.contains(r"4\.4\.7|QUEUE\.Expired").fill_null(False)
-    local_status = outer.str.contains(_LOCAL_STATUS).fill_null(False) & inner.is_null()
-    smtp_src = src == "SMTP"
-    remote = is_send | inner.is_not_null() | (ev.is_in(["DEFER", "FAIL"]) & smtp_src & reply_code(outer).is_not_null() & ~local_status & ~expired)
+    frame = frame.with_columns(
+        _inner=pl.when(outer.str.contains("responded with", literal=True)).then(outer).str.extract(r'responded with:?\s*"?(\d{3}[ -][^"]*)"?'),
+        _outer_g=outer.str.extract_groups(REPLY_REGEX),
+        _expired=(ev == "FAIL") & outer.str.contains(r"4\.4\.7|QUEUE\.Expired").fill_null(False),
+        _local=outer.str.contains(_LOCAL_STATUS).fill_null(False),
+    )
+    inner = pl.col("_inner")
+    response = squash_spaces(pl.when(is_send & pl.col("_sent").is_not_null()).then(pl.col("_sent")).otherwise(inner.fill_null(outer)))
+    frame = frame.with_columns(response.alias("response"))
+    outer_enh = pl.col("_outer_g").struct.field("enhanced")
+    outer_code = pl.col("_outer_g").struct.field("code")
+    expired = pl.col("_expired")
+    local_status = pl.col("_local") & inner.is_null()
+    smtp_src = pl.col("_src") == "SMTP"
+    remote = is_send | inner.is_not_null() | (ev.is_in(["DEFER", "FAIL"]) & smtp_src & outer_code.is_not_null() & ~local_status & ~expired)
     agent = (
         pl.when(ev == "DELIVER").then(pl.lit("local"))
         .when(expired).then(pl.lit("queue"))
         .when(is_send | smtp_src).then(pl.lit("smtp"))
-        .otherwise(src.str.to_lowercase().fill_null("exchange"))
+        .otherwise(pl.col("_src").str.to_lowercase().fill_null("exchange"))
     )
-    fqdn = status.str.extract(r"\{FQDN=([^}]*)\}")
-    ip = status.str.extract(r"\{IP=([^}]*)\}")
     towards_mx = is_send | (ev.is_in(["DEFER", "FAIL"]) & smtp_src)
     sender = pl.col("return-path").fill_null(pl.col("sender-address")).str.strip_chars()
     internal_id = pl.col("internal-message-id")
     message_id = pl.col("message-id").str.strip_chars().str.strip_prefix("<").str.strip_suffix(">")
-    arrived = pl.col("message-info").str.extract(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)").str.to_datetime("%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us", time_zone="UTC", strict=False)
+    arrived = pl.col("message-info").str.slice(0, 40).str.extract(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)").str.to_datetime("%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us", time_zone="UTC", strict=False)
     ts = pl.col("date-time").str.to_datetime("%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us", time_zone="UTC", strict=False)
+    reply = pl.col("response").str.extract_groups(REPLY_REGEX)
     out = frame.with_columns(
         ts.alias("ts"),
         pl.lit(FORMAT).alias("source"),
@@ -199,13 +223,12 @@ def _canonical(frame: pl.LazyFrame) -> pl.LazyFrame:
         pl.when(sender == "<>").then(pl.lit("")).otherwise(sender).alias("sender"),
         pl.when(towards_mx).then(pl.col("client-ip")).alias("egress_ip"),
         pl.col("connector-id").alias("egress_pool"),
-        pl.when(towards_mx).then(normalize_host(fqdn).fill_null(normalize_host(pl.col("server-hostname")))).alias("mx_host"),
-        pl.when(towards_mx).then(ip.fill_null(pl.col("server-ip")).str.replace(r":\d+$", "")).alias("mx_ip"),
-        reply_code(response).alias("smtp_code"),
-        reply_enhanced(response).fill_null(outer_enh).alias("enhanced_code"),
+        pl.when(towards_mx).then(normalize_host(pl.col("_fqdn")).fill_null(normalize_host(pl.col("server-hostname")))).alias("mx_host"),
+        pl.when(towards_mx).then(pl.col("_ip").fill_null(pl.col("server-ip")).str.replace(r":\d+$", "")).alias("mx_ip"),
+        reply.struct.field("code").cast(pl.Int16, strict=False).alias("smtp_code"),
+        reply.struct.field("enhanced").fill_null(outer_enh).alias("enhanced_code"),
         outer_enh.alias("dsn"),
-        pl.when(is_send & sent_reply.is_not_null()).then(pl.lit("end of DATA")).alias("smtp_stage"),
-        response.alias("response"),
+        pl.when(is_send & pl.col("_sent").is_not_null()).then(pl.lit("end of DATA")).alias("smtp_stage"),
         pl.when(expired).then(pl.lit("expired"))
         .when(ev == "FAIL").then(pl.lit("bounced"))
         .when(ev == "DEFER").then(pl.lit("deferred"))
@@ -214,11 +237,11 @@ def _canonical(frame: pl.LazyFrame) -> pl.LazyFrame:
         remote.alias("remote"),
         arrived.alias("queued_at"),
         pl.col("total-bytes").cast(pl.Int64, strict=False).alias("size"),
-    ).with_columns(
         domain_of(pl.col("recipient")).alias("recipient_domain"),
+    ).with_columns(
         ((pl.col("ts") - pl.col("queued_at")).dt.total_microseconds() / 1e6).alias("delay_s"),
     )
-    return number_attempts(out)
+    return number_attempts(schema.conform(out.with_columns(pl.lit(None, dtype=pl.Int32).alias("attempt"))))
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
@@ -227,37 +250,36 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     parts = [_rows(sf) for sf in files]
     rows = pl.concat([p[0] for p in parts], how="vertical")
     headers = pl.concat([p[1] for p in parts], how="vertical")
-    ts_ok = pl.col("date-time").str.contains(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
-    rows = rows.with_columns(pl.col("event-id").str.strip_chars().str.to_uppercase().alias("_event"))
-    if options.dedupe:
-        rows = rows.with_columns(pl.col("text").is_first_distinct().alias("_first"))
-    else:
-        rows = rows.with_columns(pl.lit(True).alias("_first"))
-    rows = rows.cache()
-    blank = pl.col("text").str.replace_all(",", "").str.strip_chars() == ""
+    # One pass over the files: the row checks, hashes and attempt fields are read once and
+    # the accounting and the attempts both come from this frame.
+    rows = rows.collect(engine="streaming")
+    first = pl.struct("_h1", "_h2").is_first_distinct() if options.dedupe else pl.lit(True)
+    event = pl.col("_event")
     category = (
-        pl.when(blank).then(pl.lit("skipped"))
-        .when(~pl.col("_complete") | ~ts_ok.fill_null(False) | pl.col("_event").is_null()).then(pl.lit("malformed"))
-        .when(~pl.col("_first")).then(pl.lit("duplicate"))
-        .when(pl.col("_event").is_in(_ATTEMPT_EVENTS)).then(pl.lit("attempt"))
+        pl.when(pl.col("_blank")).then(pl.lit("skipped"))
+        .when(~pl.col("_complete") | ~pl.col("_ts_ok") | event.is_null()).then(pl.lit("malformed"))
+        .when(~first).then(pl.lit("duplicate"))
+        .when(event.is_in(_ATTEMPT_EVENTS)).then(pl.lit("attempt"))
         .otherwise(pl.lit("skipped"))
     )
     reason = (
-        pl.when(blank).then(pl.lit("blank line"))
+        pl.when(pl.col("_blank")).then(pl.lit("blank line"))
         .when(~pl.col("_complete")).then(pl.lit("truncated row (fields missing)"))
-        .when(~ts_ok.fill_null(False)).then(pl.lit("no date-time"))
-        .when(pl.col("_event").is_null()).then(pl.lit("no event-id"))
-        .when(~pl.col("_first")).then(pl.lit("identical row already read"))
-        .when(pl.col("_event").is_in(_ATTEMPT_EVENTS)).then(pl.lit(None, dtype=pl.String))
-        .otherwise(pl.concat_str(pl.col("_event"), pl.lit(" event (not a delivery try)")))
+        .when(~pl.col("_ts_ok")).then(pl.lit("no date-time"))
+        .when(event.is_null()).then(pl.lit("no event-id"))
+        .when(~first).then(pl.lit("identical row already read"))
+        .when(event.is_in(_ATTEMPT_EVENTS)).then(pl.lit(None, dtype=pl.String))
+        .otherwise(pl.concat_str(event, pl.lit(" event (not a delivery try)")))
     )
+    rows = rows.with_columns(category.alias("_category"), reason.alias("_reason"))
     classified = pl.concat(
         [
-            rows.select("file", "line_no", category.alias("category"), reason.alias("reason"), pl.col("text").str.slice(0, 500)),
-            headers.select("file", "line_no", pl.lit("context").alias("category"), pl.lit("#header").alias("reason"), pl.lit("").alias("text")),
+            rows.lazy().select("file", "line_no", pl.col("_category").alias("category"), pl.col("_reason").alias("reason")),
+            headers.select("file", "line_no", pl.lit("context").alias("category"), pl.lit("#header").alias("reason")),
         ],
         how="vertical",
     )
-    accounting = Accounting.from_classified(classified, fmt=FORMAT, problems=[f"{sf.name}: {p}" for sf in files for p in sf.problems])
-    attempts = _canonical(_per_recipient(rows.filter(category == "attempt")))
-    return Load(attempts=schema.conform(attempts), connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)
+    accounting = account(classified, files=files, fmt=FORMAT, problems=[f"{sf.name}: {p}" for sf in files for p in sf.problems])
+    att = rows.lazy().filter(pl.col("_category") == "attempt").drop("_complete", "_blank", "_ts_ok", "_h1", "_h2", "_category", "_reason")
+    attempts = _canonical(_per_recipient(att)).collect().lazy()
+    return Load(attempts=attempts, connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

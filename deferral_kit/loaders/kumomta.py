@@ -28,7 +28,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, scan_lines
 from . import Load, LoadOptions
-from .generic import domain_of, number_attempts
+from .generic import account, domain_of, number_attempts, squash_spaces
 
 FORMAT = "kumomta"
 
@@ -117,25 +117,39 @@ def _document_lines(sf: SourceFile) -> pl.LazyFrame:
     return pl.LazyFrame({"file": [sf.name], "line_no": [1], "line": [" ".join(text.split())]}, schema={"file": pl.String, "line_no": pl.Int64, "line": pl.String})
 
 
-def records(files: list[SourceFile]) -> pl.LazyFrame:
-    """Decoded records ``file, line_no, rec_no, text, valid, line, rec`` (one row per record; arrays exploded)."""
+def _lines(files: list[SourceFile]) -> pl.LazyFrame:
     line_files = [sf for sf in files if not _is_document(sf)]
     doc_frames = [_document_lines(sf) for sf in files if sf not in line_files]
-    lines = pl.concat([scan_lines(line_files), *doc_frames], how="vertical") if doc_frames else scan_lines(line_files)
+    return pl.concat([scan_lines(line_files), *doc_frames], how="vertical") if doc_frames else scan_lines(line_files)
+
+
+def _decode(batch: pl.DataFrame) -> pl.DataFrame:
+    """Lines ``file, line_no, line`` → one row per record ``file, line_no, rec_no, valid, line, rec``.
+
+    The whole batch is decoded at once; only when that fails (``str.json_decode`` rejects a
+    batch over one bad line) is each line checked on its own, so clean input pays no
+    per-line validation."""
     line = pl.col("line").str.strip_chars()
-    valid = line.str.json_path_match("$").is_not_null() & line.str.contains(r"^[\[{]")
+    shaped = line.str.starts_with("{") | line.str.starts_with("[")
     as_array = pl.when(line.str.starts_with("[")).then(line).otherwise(pl.concat_str(pl.lit("["), line, pl.lit("]")))
     normalized = as_array.str.replace_all(_RECIPIENT_STR, r'"recipient"${1}:${2}[${3}]')
+    decoded = pl.when(pl.col("valid")).then(normalized).otherwise(pl.lit("[]")).str.json_decode(pl.List(_RECORD)).alias("rec")
+    try:
+        out = batch.with_columns(valid=shaped).with_columns(decoded)
+    except pl.exceptions.ComputeError:
+        out = batch.with_columns(valid=shaped & line.str.json_path_match("$").is_not_null()).with_columns(decoded)
     return (
-        lines.with_columns(valid.alias("valid"), pl.col("line").alias("text"))
-        .with_columns(
-            pl.when(pl.col("valid")).then(normalized).otherwise(pl.lit("[]")).str.json_decode(pl.List(_RECORD)).alias("rec"),
-        )
-        .with_columns(pl.when(pl.col("valid") & (pl.col("rec").list.len() > 0)).then(pl.col("rec")).otherwise(pl.lit([None], dtype=pl.List(_RECORD))).alias("rec"))
+        out.with_columns(pl.when(pl.col("valid") & (pl.col("rec").list.len() > 0)).then(pl.col("rec")).otherwise(pl.lit([None], dtype=pl.List(_RECORD))).alias("rec"))
         .with_columns(pl.int_ranges(pl.col("rec").list.len()).alias("rec_no"))
         .explode("rec", "rec_no")
-        .select("file", "line_no", "rec_no", "text", "valid", "line", "rec")
+        .select("file", "line_no", "rec_no", "valid", "line", "rec")
     )
+
+
+def records(files: list[SourceFile]) -> pl.LazyFrame:
+    """Decoded records ``file, line_no, rec_no, text, valid, line, rec`` (one row per record; arrays exploded)."""
+    lines = _lines(files).collect()
+    return _decode(lines).with_columns(pl.col("line").alias("text")).select("file", "line_no", "rec_no", "text", "valid", "line", "rec").lazy()
 
 
 def _epoch_or_rfc3339(rfc: pl.Expr, epoch: pl.Expr) -> pl.Expr:
@@ -209,7 +223,7 @@ def _canonical(recs: pl.LazyFrame) -> pl.LazyFrame:
         enhanced.alias("enhanced_code"),
         enhanced.alias("dsn"),
         _stage(resp.struct.field("command")).alias("smtp_stage"),
-        pl.concat_str(code.cast(pl.String), enhanced, pl.when(content.str.strip_chars() != "").then(content.str.replace_all(r"\s+", " ").str.strip_chars()), separator=" ", ignore_nulls=True).alias("response"),
+        pl.concat_str(code.cast(pl.String), enhanced, pl.when(content.str.strip_chars() != "").then(squash_spaces(content)), separator=" ", ignore_nulls=True).alias("response"),
         rtype.replace_strict(_OUTCOME, default=None).alias("outcome"),
         (rtype.is_in(["Delivery", "TransientFailure", "Bounce"]) & ~internal & code.is_not_null()).alias("remote"),
         pl.when(r.struct.field("size").cast(pl.Int64, strict=False) > 0).then(r.struct.field("size").cast(pl.Int64, strict=False)).alias("size"),
@@ -218,22 +232,44 @@ def _canonical(recs: pl.LazyFrame) -> pl.LazyFrame:
         domain_of(pl.col("recipient")).alias("recipient_domain"),
         ((pl.col("ts") - pl.col("queued_at")).dt.total_microseconds() / 1e6).alias("delay_s"),
     )
-    return number_attempts(out)
+    # Canonical columns (attempt numbered later, over all files) plus rec_no for the duplicate check.
+    have = out.collect_schema()
+    return out.select(
+        *[pl.col(n).cast(d, strict=False) if n in have else pl.lit(None, dtype=d).alias(n) for n, d in schema.ATTEMPTS.items()],
+        pl.col("rec_no"),
+    )
+
+
+_BATCH_LINES = 100_000
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """KumoMTA log files → attempts (one row per recipient per Delivery/TransientFailure/Bounce/Expiration);
     no connection events (KumoMTA logs one record per try)."""
-    recs = records(files).with_columns(pl.col("rec").struct.field("type").alias("_type"))
+    # Batches of lines keep memory bounded: each is decoded once, reduced to a slim
+    # per-record row (for the accounting) plus the canonical columns of its attempt records,
+    # and its text is dropped before the next one is read.
+    slim, tried = [], []
+    for batch in _lines(files).collect_batches(chunk_size=_BATCH_LINES):
+        recs = _decode(batch).with_columns(
+            pl.col("rec").struct.field("type").alias("_type"),
+            (pl.col("line").str.strip_chars() == "").alias("_blank"),
+            # Identity of the line for the duplicate check: two independent 64-bit hashes.
+            pl.col("line").hash(11).alias("_h1"),
+            pl.col("line").hash(29).alias("_h2"),
+        )
+        slim.append(recs.select("file", "line_no", "rec_no", "valid", "_blank", "_type", "_h1", "_h2"))
+        tried.append(_canonical(recs.lazy().filter(pl.col("valid") & pl.col("_type").is_in(_TYPES))).collect())
+    if not slim:
+        return Load(accounting=Accounting(problems=[f"{sf.name}: {p}" for sf in files for p in sf.problems]))
+    recs = pl.concat(slim)
     if options.dedupe:
         # The same record read twice (overlapping copies of a segment) counts once.
-        recs = recs.with_columns(
-            pl.when(pl.col("valid") & pl.col("_type").is_not_null()).then(pl.struct("line", "rec_no").is_first_distinct()).otherwise(True).alias("_first")
-        )
+        first = pl.when(pl.col("valid") & pl.col("_type").is_not_null()).then(pl.struct("_h1", "_h2", "rec_no").is_first_distinct()).otherwise(True)
     else:
-        recs = recs.with_columns(pl.lit(True).alias("_first"))
-    recs = recs.cache()
-    blank = pl.col("line").str.strip_chars() == ""
+        first = pl.lit(True)
+    recs = recs.with_columns(first.alias("_first"))
+    blank = pl.col("_blank")
     category = (
         pl.when(blank)
         .then(pl.lit("skipped"))
@@ -258,8 +294,12 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         .then(pl.lit("not a KumoMTA record (no type)"))
         .otherwise(pl.col("_type").replace_strict(_SKIP_REASON, default=pl.concat_str(pl.lit("unknown record type "), pl.col("_type"))))
     )
-    classified = recs.select("file", "line_no", category.alias("category"), reason.alias("reason"), pl.col("text").str.slice(0, 500).alias("text"))
+    classified = recs.lazy().select("file", "line_no", category.alias("category"), reason.alias("reason"))
     problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
-    accounting = Accounting.from_classified(classified, fmt=FORMAT, problems=problems)
-    attempts = _canonical(recs.filter(pl.col("valid") & pl.col("_first") & pl.col("_type").is_in(_TYPES)))
-    return Load(attempts=schema.conform(attempts), connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)
+    accounting = account(classified, files=files, fmt=FORMAT, problems=problems)
+    attempts = pl.concat(tried)
+    dups = recs.filter(~pl.col("_first")).select("file", "line_no", "rec_no")
+    if dups.height:
+        attempts = attempts.join(dups, on=["file", "line_no", "rec_no"], how="anti", maintain_order="left")
+    attempts = number_attempts(attempts.lazy().drop("rec_no")).collect().lazy()
+    return Load(attempts=attempts, connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

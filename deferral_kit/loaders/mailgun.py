@@ -91,11 +91,6 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
     r = lambda *p: s("rec", *p)  # noqa: E731
     ds = lambda f: r("delivery-status", f)  # noqa: E731
     ev, sev = r("event"), r("severity")
-    code = pl.coalesce(ds("code"), r("code")).cast(pl.Int16, strict=False)
-    enhanced_field = ds("enhanced-code")
-    text = _esp.clean_reply(pl.coalesce(pl.when(ds("message").str.len_chars() > 0).then(ds("message")), r("error"),
-                                        pl.when(ds("description").str.len_chars() > 0).then(ds("description"))))
-    response = _esp.with_code(code, text, enhanced_field)
     expired = (ev == "failed") & (sev == "permanent") & (r("reason") == "old")
     outcome = (
         pl.when(ev == "delivered").then(pl.lit("delivered"))
@@ -103,8 +98,11 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
         .when((ev == "failed") & (sev == "temporary")).then(pl.lit("deferred"))
         .otherwise(pl.lit("bounced"))
     )
-    mx = _esp.host(ds("mx-host"))
     msg_id = pl.coalesce(r("message", "headers", "message-id"), r("Message-Id"))
+    text = pl.coalesce(pl.when(ds("message").str.len_chars() > 0).then(ds("message")), r("error"),
+                       pl.when(ds("description").str.len_chars() > 0).then(ds("description")))
+    # Two stages: the reply parts are columns before the response is rebuilt from them, so
+    # no sub-expression is evaluated more than once.
     return att.select(
         _esp.epoch_ts(r("timestamp")).alias("ts"),
         pl.when(expired).then(pl.lit("internal")).otherwise(pl.lit("smtp")).alias("agent"),
@@ -114,18 +112,22 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
         r("recipient").alias("recipient"),
         pl.coalesce(r("recipient-domain").str.to_lowercase(), _esp.domain_of(r("recipient"))).alias("recipient_domain"),
         r("envelope", "sending-ip").alias("egress_ip"),
-        mx.alias("mx_host"),
-        code.alias("smtp_code"),
-        pl.coalesce(_esp.reply_enhanced(response), enhanced_field).alias("enhanced_code"),
-        enhanced_field.alias("dsn"),
-        response.alias("response"),
+        _esp.host(ds("mx-host")).alias("mx_host"),
+        pl.coalesce(ds("code"), r("code")).cast(pl.Int16, strict=False).alias("smtp_code"),
+        ds("enhanced-code").alias("dsn"),
+        _esp.clean_reply(text).alias("_text"),
         outcome.alias("outcome"),
-        (~expired & mx.is_not_null() & code.is_between(200, 599)).alias("remote"),
+        expired.alias("_expired"),
         r("message", "size").cast(pl.Int64, strict=False).alias("size"),
         ds("attempt-no").cast(pl.Int64, strict=False).alias("attempt_given"),
         "file",
         "line_no",
-    )
+    ).with_columns(
+        _esp.with_code(pl.col("smtp_code"), pl.col("_text"), pl.col("dsn")).alias("response"),
+        (~pl.col("_expired") & pl.col("mx_host").is_not_null() & pl.col("smtp_code").is_between(200, 599)).alias("remote"),
+    ).with_columns(
+        pl.coalesce(_esp.reply_enhanced(pl.col("response")), pl.col("dsn")).alias("enhanced_code"),
+    ).drop("_text", "_expired")
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:

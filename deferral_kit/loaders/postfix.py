@@ -262,6 +262,7 @@ def _classified(lines: pl.LazyFrame, dup_hashes: pl.DataFrame | None) -> pl.Lazy
         rtext.alias("rtext"),
     )
     lf = lf.with_columns(pl.col("rtext").str.extract_groups(REASON_RE).alias("r")).unnest("r").with_columns(_reason_fields(pl.col("rtext")))
+    lf = lf.with_columns(_record_fields()).with_columns(_final_stage())
     # context fields
     ctx_q = pl.col("kind").is_in(("qmgr_from", "expired", "removed", "message_id"))
     lf = lf.with_columns(
@@ -315,10 +316,55 @@ def _classified(lines: pl.LazyFrame, dup_hashes: pl.DataFrame | None) -> pl.Lazy
 BATCH_LINES = 400_000  # lines parsed per streaming pass (bounds memory; ~300 MB per pass)
 
 _PER_LINE = ("ts", "kind", "host", "instance", "daemon")
+_CATEGORICAL = ("kind", "host", "instance", "daemon", "event", "smtp_stage", "dsn", "outcome", "enhanced_code", "egress_ip", "recipient_domain", "mx_host")
 _RECORD_COLS = (
-    "fidx", "line_no", "ts", "kind", "category", "host", "instance", "daemon", "queue_id", "to", "orig", "relay", "kv", "dsn",
-    "status", "rtext", "r_host", "r_ip", "event", "smtp_stage", "reply", "suspended", "sender", "size", "message_id",
+    "fidx", "line_no", "ts", "kind", "category", "host", "instance", "daemon", "queue_id",
+    "recipient", "orig_recipient", "recipient_domain", "egress_ip", "mx_host", "mx_ip", "smtp_code", "enhanced_code", "dsn",
+    "smtp_stage", "response", "outcome", "remote", "delay_s", "queued_at", "event", "sender", "size", "message_id",
 )
+
+
+def _record_fields() -> list[pl.Expr]:
+    """Canonical fields of delivery records and connection events (null on other lines)."""
+    relay_host = pl.col("relay").str.extract(r"^([^\[]+)\[", 1)
+    relay_ip = pl.col("relay").str.extract(r"^[^\[]+\[([^\]]*)\]", 1)
+    reply = pl.col("reply")
+    remote_agent = pl.col("daemon").is_in(("smtp", "lmtp"))
+    # Delivered (and some bounced) records carry the remote reply as the whole reason.
+    bare_reply = remote_agent & relay_ip.is_not_null() & pl.col("rsn").str.contains(CODE_RE)
+    is_reply = reply.is_not_null() | bare_reply.fill_null(False)
+    response = pl.coalesce(reply, pl.col("rtext"))
+    delay = pl.col("kv").str.extract(r"(?:^|, )delay=([\d.]+)", 1).cast(pl.Float64)
+    recipient = pl.col("to").str.strip_prefix("<").str.strip_suffix(">")
+    return [
+        recipient.alias("recipient"),
+        pl.col("orig").str.strip_prefix("<").str.strip_suffix(">").alias("orig_recipient"),
+        recipient.str.extract(r"@([^@]+)$", 1).str.to_lowercase().str.strip_suffix(".").alias("recipient_domain"),
+        pl.coalesce(relay_host, pl.col("r_host")).str.to_lowercase().str.strip_suffix(".").alias("mx_host"),
+        pl.coalesce(relay_ip, pl.col("r_ip")).alias("mx_ip"),
+        response.alias("response"),
+        pl.when(is_reply).then(response.str.extract(CODE_RE, 1).cast(pl.Int16)).alias("smtp_code"),
+        pl.coalesce(pl.when(is_reply).then(response.str.extract(ENHANCED_RE, 1)), pl.col("dsn")).alias("enhanced_code"),
+        pl.col("status").replace_strict(STATUS_OUTCOME, default=None, return_dtype=pl.String).alias("outcome"),
+        (is_reply & ~pl.col("suspended").fill_null(False) & remote_agent).alias("remote"),
+        delay.alias("delay_s"),
+        (pl.col("ts") - pl.duration(microseconds=(delay * 1e6).round().cast(pl.Int64))).alias("queued_at"),
+        _egress_ip_from_instance(),
+    ]
+
+
+def _final_stage() -> pl.Expr:
+    # Postfix logs status=sent only after the reply to the end of DATA (or LMTP's per-recipient reply to it).
+    return (
+        pl.when((pl.col("outcome") == "delivered") & pl.col("remote"))
+        .then(pl.lit("end of DATA"))
+        .otherwise(pl.col("smtp_stage"))
+        .alias("smtp_stage")
+    )
+
+
+def _categorical(e: pl.Expr, name: str) -> pl.Expr:
+    return e.cast(pl.Categorical) if name in _CATEGORICAL else e
 
 
 def _compact(classified: pl.LazyFrame) -> pl.LazyFrame:
@@ -331,7 +377,7 @@ def _compact(classified: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("reason").cast(pl.Categorical).alias("acc_reason"),
         # (the parsed fields are null off their own kind of line already)
         *[
-            pl.when(rec_mask).then(pl.col(c)).alias(c) if c in _PER_LINE else pl.col(c)
+            _categorical((pl.when(rec_mask).then(pl.col(c)) if c in _PER_LINE else pl.col(c)), c).alias(c)
             for c in _RECORD_COLS
             if c not in ("fidx", "line_no", "category")
         ],
@@ -348,7 +394,7 @@ def _with_message_key(rec: pl.DataFrame) -> pl.DataFrame:
     """A queue id is reused after ``removed``: the generation counts removals before each line
     of (log_host, instance, queue_id), in line order."""
     removed = (pl.col("kind") == "removed").cast(pl.Int32)
-    base = pl.format("{}/{}/{}#", pl.col("host"), pl.col("instance"), pl.col("queue_id"))
+    base = pl.format("{}/{}/{}#", pl.col("host").cast(pl.String), pl.col("instance").cast(pl.String), pl.col("queue_id"))
     return (
         rec.with_columns(base.alias("_base"))
         .with_columns((removed.cum_sum().over("_base", order_by="seq") - removed).alias("generation"))
@@ -365,40 +411,14 @@ def _egress_ip_from_instance() -> pl.Expr:
     return pl.col("instance").str.extract(r"^postfix-(\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]*:[0-9a-fA-F:]+)$", 1).alias("egress_ip")
 
 
-def _attempts(rec: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
-    att = rec.filter(pl.col("category") == "attempt")
+def _attempts(att: pl.DataFrame, rec: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
+    """``att``: attempt lines; ``rec``: context lines (qmgr from=, cleanup message-id, qmgr expired)."""
+    # Lazy from here: the caller's collect plans the joins and window once, without copies of every step.
+    att, rec = att.lazy(), rec.lazy()
     ctx = rec.filter(pl.col("kind") == "qmgr_from").group_by("message_key").agg(pl.col("sender").first(), pl.col("size").first())
     mid = rec.filter(pl.col("kind") == "message_id").group_by("message_key").agg(pl.col("message_id").first())
-    relay = pl.col("relay").str.extract_groups(r"^(?<rl_host>[^\[]+)\[(?<rl_ip>[^\]]*)\]")
-    reply = pl.col("reply")
-    remote_agent = pl.col("daemon").is_in(("smtp", "lmtp"))
-    # Delivered (and some bounced) records carry the remote reply as the whole reason.
-    bare_reply = remote_agent & pl.col("relay").str.contains(r"\[") & pl.col("reason").str.contains(CODE_RE)
-    response = pl.when(reply.is_not_null()).then(reply).when(bare_reply).then(pl.col("reason")).otherwise(pl.col("reason"))
-    is_reply = reply.is_not_null() | bare_reply
-    delay = pl.col("kv").str.extract(r"(?:^|, )delay=([\d.]+)", 1).cast(pl.Float64)
-    att = att.with_columns(relay.alias("rl")).unnest("rl").with_columns(
-        pl.lit(FORMAT).alias("source"),
-        pl.col("host").alias("log_host"),
-        pl.col("daemon").alias("agent"),
-        _strip_angle("to").alias("recipient"),
-        _strip_angle("orig").alias("orig_recipient"),
-        pl.coalesce(pl.col("rl_host"), pl.col("r_host")).str.to_lowercase().str.strip_suffix(".").alias("mx_host"),
-        pl.coalesce(pl.col("rl_ip"), pl.col("r_ip")).alias("mx_ip"),
-        response.alias("response"),
-        pl.when(is_reply).then(response.str.extract(CODE_RE, 1).cast(pl.Int16)).alias("smtp_code"),
-        pl.coalesce(pl.when(is_reply).then(response.str.extract(ENHANCED_RE, 1)), pl.col("dsn")).alias("enhanced_code"),
-        pl.col("status").replace_strict(STATUS_OUTCOME, return_dtype=pl.String).alias("outcome"),
-        (is_reply & ~pl.col("suspended") & pl.col("daemon").is_in(("smtp", "lmtp"))).alias("remote"),
-        delay.alias("delay_s"),
-    ).with_columns(
-        (pl.col("ts") - pl.duration(microseconds=(pl.col("delay_s") * 1e6).round().cast(pl.Int64))).alias("queued_at"),
-        # Postfix logs status=sent only after the reply to the end of DATA (or LMTP's per-recipient reply to it).
-        pl.when((pl.col("outcome") == "delivered") & pl.col("remote")).then(pl.lit("end of DATA")).otherwise(pl.col("smtp_stage")).alias("smtp_stage"),
-        _egress_ip_from_instance(),
-        pl.col("recipient").str.extract(r"@([^@]+)$", 1).str.to_lowercase().str.strip_suffix(".").alias("recipient_domain"),
-    )
-    att = att.drop("sender", "size", "message_id").join(ctx, on="message_key", how="left").join(mid, on="message_key", how="left")
+    att = att.with_columns(pl.col("host").alias("log_host"), pl.col("daemon").alias("agent"))
+    att = att.join(ctx, on="message_key", how="left").join(mid, on="message_key", how="left")
     # Expiry is message-level: the recipients whose last try was a deferral expire with it.
     exp = rec.filter(pl.col("kind") == "expired").select("message_key", "ts", "fidx", "line_no", "seq", pl.col("sender").alias("exp_sender"))
     pending = (
@@ -426,22 +446,15 @@ def _attempts(rec: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
         (pl.col("seq").cum_count().over(["message_key", "recipient"], order_by=["ts", "seq"])).cast(pl.Int32).alias("attempt")
     )
     out = pl.concat([att, expired.with_columns(pl.lit(None, pl.Int32).alias("attempt"))], how="diagonal_relaxed")
-    out = out.join(file_names, on="fidx", how="left").sort("ts", "seq", nulls_last=True)
-    return schema.conform(out.lazy(), schema.ATTEMPT_COLUMNS)
+    # rows in line order (files in rotation order; an expiry row at its qmgr line)
+    out = out.join(file_names.lazy(), on="fidx", how="left").sort("seq").with_columns(pl.lit(FORMAT).alias("source"))
+    return schema.conform(out, schema.ATTEMPT_COLUMNS)
 
 
-def _connections(rec: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
-    con = rec.filter(pl.col("category") == "connection").with_columns(
-        pl.lit(FORMAT).alias("source"),
-        pl.col("host").alias("log_host"),
-        pl.col("r_host").alias("mx_host"),
-        pl.col("r_ip").alias("mx_ip"),
-        pl.col("reply").str.extract(CODE_RE, 1).cast(pl.Int16).alias("smtp_code"),
-        pl.col("reply").str.extract(ENHANCED_RE, 1).alias("enhanced_code"),
-        pl.coalesce(pl.col("reply"), pl.col("reason")).alias("response"),
-        _egress_ip_from_instance(),
-    ).join(file_names, on="fidx", how="left").sort("ts", "seq", nulls_last=True)
-    return schema.conform(con.lazy(), schema.CONNECTION_COLUMNS)
+def _connections(con: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
+    con = con.with_columns(pl.lit(FORMAT).alias("source"), pl.col("host").alias("log_host"))
+    con = con.lazy().join(file_names.lazy(), on="fidx", how="left").sort("seq")
+    return schema.conform(con, schema.CONNECTION_COLUMNS)
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
@@ -480,7 +493,26 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
                 offset += BATCH_LINES
         per_line = pl.scan_parquet(parts)
         acc_frame = per_line.select("fidx", "line_no", "category", "acc_reason").collect()
-        rec = per_line.filter(pl.col("category").is_in(["attempt", "connection", "context"])).drop("acc_reason").collect()
+        # line order over all files (files are in rotation order): the tie-break after ts
+        seq = (pl.col("fidx").cast(pl.Int64) * 10**12 + pl.col("line_no")).alias("seq")
+        is_rec = pl.col("category").is_in(["attempt", "connection", "context"])
+        # Each kind of record is read with its own columns only: null string cells still cost
+        # 16 bytes each in memory.
+        keys = _with_message_key(
+            per_line.filter(is_rec & pl.col("queue_id").is_not_null()).select(seq, "host", "instance", "queue_id", "kind").collect()
+        ).select("seq", "message_key")
+
+        def records(where: pl.Expr, cols: list[str]) -> pl.DataFrame:
+            got = per_line.filter(where).select(seq, *cols).collect()
+            return got.join(keys, on="seq", how="left").with_columns(pl.col(c).cast(pl.String) for c in cols if c in _CATEGORICAL)
+
+        common = ["fidx", "line_no", "ts", "host", "instance", "daemon", "queue_id", "egress_ip", "mx_host", "mx_ip", "smtp_code", "enhanced_code", "smtp_stage", "response"]
+        att = records(
+            pl.col("category") == "attempt",
+            common + ["recipient", "orig_recipient", "recipient_domain", "dsn", "outcome", "remote", "delay_s", "queued_at"],
+        )
+        con = records(pl.col("category") == "connection", common + ["event"])
+        ctx = records(pl.col("kind").is_in(["qmgr_from", "message_id", "expired"]), ["fidx", "line_no", "ts", "kind", "sender", "size", "message_id"])
     names = [sf.name for sf in files]
     file_names = pl.DataFrame({"fidx": list(range(len(files))), "file": names}, schema={"fidx": pl.Int32, "file": pl.String})
 
@@ -497,6 +529,7 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         nos = firsts.filter(pl.col("fidx") == fidx)["line_no"]
         texts.append(
             scan_lines([files[fidx]])
+            .slice(0, int(nos.max()))  # first occurrences are usually early: stop reading there
             .filter(pl.col("line_no").is_in(nos.implode()))
             .select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", pl.col("line").alias("text"))
             .collect(engine="streaming")
@@ -517,10 +550,8 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
     accounting = Accounting.from_classified(acc_lf, fmt=FORMAT, problems=problems)
 
-    rec = (
-        rec.rename({"rtext": "reason"})
-        # line order over all files (files are in rotation order): the tie-break after ts
-        .with_columns((pl.col("fidx").cast(pl.Int64) * 10**12 + pl.col("line_no")).alias("seq"))
+    return Load(
+        attempts=_attempts(att, ctx, file_names),
+        connections=_connections(con, file_names),
+        accounting=accounting,
     )
-    rec = _with_message_key(rec)
-    return Load(attempts=_attempts(rec, file_names), connections=_connections(rec, file_names), accounting=accounting)

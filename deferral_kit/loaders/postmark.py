@@ -83,8 +83,6 @@ def _classified(raw: pl.LazyFrame) -> pl.LazyFrame:
 def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
     r = lambda *p: s("rec", *p)  # noqa: E731
     kind, typ = _kind(), r("Type")
-    response = _esp.clean_reply(r("Details"))
-    code = _esp.reply_code(response)
     rcpt = pl.coalesce(r("Recipient"), r("Email"))
     return att.select(
         _esp.iso_ts(pl.coalesce(r("DeliveredAt"), r("BouncedAt"))).alias("ts"),
@@ -97,14 +95,19 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
         rcpt.alias("recipient"),
         _esp.domain_of(rcpt).alias("recipient_domain"),
         r("MessageStream").alias("egress_pool"),
-        code.alias("smtp_code"),
-        _esp.reply_enhanced(response).alias("enhanced_code"),
-        response.alias("response"),
+        _esp.clean_reply(r("Details")).alias("response"),
         pl.when(kind == "Delivery").then(pl.lit("delivered")).when(typ.is_in(_DEFERRED)).then(pl.lit("deferred")).otherwise(pl.lit("bounced")).alias("outcome"),
-        pl.when(typ == "DnsError").then(False).when((kind == "Delivery") | code.is_not_null()).then(True).alias("remote"),
+        (typ == "DnsError").alias("_dns"),
         "file",
         "line_no",
-    )
+    ).with_columns(
+        _esp.reply_code(pl.col("response")).alias("smtp_code"),
+        _esp.reply_enhanced(pl.col("response")).alias("enhanced_code"),
+    ).with_columns(
+        # a DNS error: Postmark found no host to talk to
+        pl.when(pl.col("_dns").fill_null(False)).then(False)
+        .when((pl.col("outcome") == "delivered") | pl.col("smtp_code").is_not_null()).then(True).alias("remote"),
+    ).drop("_dns")
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:

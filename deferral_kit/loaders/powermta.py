@@ -39,6 +39,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, head, scan_lines
 from .exim import _localize
+from .generic import account, squash_spaces
 
 FORMAT = "powermta"
 
@@ -128,49 +129,49 @@ def _time(expr: pl.Expr, tz: str) -> pl.Expr:
     return pl.when(e.str.contains(r"^\d{9,11}$")).then(epoch).otherwise(pl.coalesce(with_off, naive))
 
 
-def _layouts(files: list[SourceFile], lines: pl.LazyFrame) -> tuple[pl.DataFrame, list[list[str]], list[str]]:
-    """(file, seg) -> layout index, the layouts, and file problems.  Segment 0 of a file
-    without a header gets the header-less layout its first record fits (or none)."""
-    layouts: list[list[str]] = []
-    index: dict[tuple[str, ...], int] = {}
-    rows: list[tuple[str, int, int | None]] = []
-    problems: list[str] = []
+class _Layouts:
+    """The distinct field layouts seen over all files, numbered in order of appearance."""
 
-    def idx(layout: list[str]) -> int:
+    def __init__(self) -> None:
+        self.layouts: list[list[str]] = []
+        self._index: dict[tuple[str, ...], int] = {}
+
+    def idx(self, layout: list[str]) -> int:
         key = tuple(layout)
-        if key not in index:
-            index[key] = len(layouts)
-            layouts.append(list(layout))
-        return index[key]
+        if key not in self._index:
+            self._index[key] = len(self.layouts)
+            self.layouts.append(list(layout))
+        return self._index[key]
 
-    headers = (
-        lines.filter(pl.col("line").str.contains(r"^\ufeff?\"?[Tt][Yy][Pp][Ee]\"?,"))
-        .select("file", "line_no", "line")
-        .collect()
-    )
-    by_file: dict[str, list[str]] = {}
-    for r in headers.sort("file", "line_no").iter_rows(named=True):
-        fields = next(csv.reader(io.StringIO(r["line"].lstrip("\ufeff"))))
-        if _is_header(fields):
-            by_file.setdefault(r["file"], []).append(r["line"])
-    for sf in files:
-        first = _first_record(sf)
-        if first is not None and not _is_header([f.lstrip("\ufeff") for f in first]):
-            layout = headerless_layout(first)
-            if layout is None:
-                problems.append(
-                    f"{sf.name}: no header line and the first record has {len(first)} columns, which fits no known "
-                    f"PowerMTA layout (default: {len(DEFAULT_FIELDS)} columns); add the file's header line "
-                    "(the record-fields of its <acct-file>) to read it"
-                )
-                rows.append((sf.name, 0, None))
-            else:
-                rows.append((sf.name, 0, idx(layout)))
-        for seg, hline in enumerate(by_file.get(sf.name, []), start=1):
-            fields = [f.strip() for f in next(csv.reader(io.StringIO(hline.lstrip("\ufeff"))))]
-            rows.append((sf.name, seg, idx(fields)))
-    table = pl.DataFrame(rows, schema={"file": pl.String, "seg": pl.Int32, "layout": pl.Int32}, orient="row")
-    return table, layouts, problems
+
+_HEADERISH = r"^\ufeff?\"?[Tt][Yy][Pp][Ee]\"?,"
+
+
+def _file_layouts(sf: SourceFile, lines: pl.DataFrame, reg: _Layouts, problems: list[str]) -> pl.DataFrame:
+    """(file, seg) -> layout index for one file.  Segment 0 of a file without a header gets
+    the header-less layout its first record fits (or none)."""
+    rows: list[tuple[str, int, int | None]] = []
+    # A loop over the (few) header lines of one file, not over records.
+    headers = [
+        h for h in lines.filter(pl.col("line").str.contains(_HEADERISH))["line"].to_list()
+        if _is_header(next(csv.reader(io.StringIO(h.lstrip("\ufeff")))))
+    ]
+    first = _first_record(sf)
+    if first is not None and not _is_header([f.lstrip("\ufeff") for f in first]):
+        layout = headerless_layout(first)
+        if layout is None:
+            problems.append(
+                f"{sf.name}: no header line and the first record has {len(first)} columns, which fits no known "
+                f"PowerMTA layout (default: {len(DEFAULT_FIELDS)} columns); add the file's header line "
+                "(the record-fields of its <acct-file>) to read it"
+            )
+            rows.append((sf.name, 0, None))
+        else:
+            rows.append((sf.name, 0, reg.idx(layout)))
+    for seg, hline in enumerate(headers, start=1):
+        fields = [f.strip() for f in next(csv.reader(io.StringIO(hline.lstrip("\ufeff"))))]
+        rows.append((sf.name, seg, reg.idx(fields)))
+    return pl.DataFrame(rows, schema={"file": pl.String, "seg": pl.Int32, "layout": pl.Int32}, orient="row")
 
 
 def _joined_records(lines: pl.LazyFrame) -> pl.LazyFrame:
@@ -199,54 +200,128 @@ def _joined_records(lines: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-def load(files: list[SourceFile], options) -> "Load":
-    """Parse PowerMTA accounting files into attempts, ``tq`` connection events and the accounting."""
-    from . import Load
+_WANT = (
+    "type", "timeLogged", "timeQueued", "orig", "rcpt", "orcpt", "dsnAction", "dsnStatus", "dsnDiag", "dsnMta",
+    "bounceCat", "dlvType", "dlvSourceIp", "dlvDestinationIp", "dlvSize", "vmta", "jobId", "envId", "queue", "vmtaPool",
+)
 
-    tz = getattr(options, "tz", "UTC") or "UTC"
-    lines = scan_lines(files).with_row_index("seq")
-    table, layouts, problems = _layouts(files, lines)
-    problems += [f"{sf.name}: {p}" for sf in files for p in sf.problems]
 
-    is_header = pl.col("line").str.contains(r"^\ufeff?\"?[Tt][Yy][Pp][Ee]\"?,") & pl.col("line").str.contains(r"(?i)timeLogged")
-    lf = (
-        _joined_records(lines)
-        .with_columns(seg=is_header.cast(pl.Int32).cum_sum().over("file"), is_header=is_header)
-        .join(table.lazy(), on=["file", "seg"], how="left", maintain_order="left")
-        .with_columns(f=_split_fields(pl.col("record").str.strip_prefix("\ufeff")))
-        .with_columns(nf=pl.col("f").list.len())
-    )
-    want = {
-        "type", "timeLogged", "timeQueued", "orig", "rcpt", "orcpt", "dsnAction", "dsnStatus", "dsnDiag", "dsnMta",
-        "bounceCat", "dlvType", "dlvSourceIp", "dlvDestinationIp", "dlvSize", "vmta", "jobId", "envId", "queue", "vmtaPool",
-    }
+def _blank_or_empty(value: pl.Expr) -> pl.Expr:
+    v = value.str.strip_chars()
+    return pl.when(v != "").then(v)
+
+
+def _fields_by_regex(lf: pl.LazyFrame, layouts: list[list[str]]) -> pl.LazyFrame:
+    """The careful path: ``p_*`` columns, ``nf`` and ``width`` from the regex field splitter,
+    for any file (mid-file headers, several layouts, multi-line or broken records)."""
+    lf = lf.with_columns(f=_split_fields(pl.col("record").str.strip_prefix("\ufeff"))).with_columns(nf=pl.col("f").list.len().cast(pl.Int32))
     cols = {}
-    for name in want:
+    for name in (*_WANT, "header_message-id"):
         expr = pl.lit(None, dtype=pl.String)
         for k, layout in enumerate(layouts):
             lower = [x.lower() for x in layout]
             if name.lower() in lower:
                 expr = pl.when(pl.col("layout") == k).then(pl.col("f").list.get(lower.index(name.lower()), null_on_oob=True)).otherwise(expr)
-        expr = _unquote(expr).str.strip_chars()
-        cols[name] = pl.when(expr != "").then(expr)
-    msgid = pl.lit(None, dtype=pl.String)
-    for k, layout in enumerate(layouts):
-        lower = [x.lower() for x in layout]
-        if "header_message-id" in lower:
-            msgid = pl.when(pl.col("layout") == k).then(pl.col("f").list.get(lower.index("header_message-id"), null_on_oob=True)).otherwise(msgid)
+        cols["p_msgid" if name == "header_message-id" else f"p_{name}"] = _unquote(expr) if name == "header_message-id" else _unquote(expr).str.strip_chars()
     width = pl.lit(None, dtype=pl.Int32)
     for k, layout in enumerate(layouts):
         width = pl.when(pl.col("layout") == k).then(pl.lit(len(layout), dtype=pl.Int32)).otherwise(width)
-    msgid = _unquote(msgid)
-    lf = lf.with_columns(**{f"p_{k}": v for k, v in cols.items()}, p_msgid=pl.when(msgid != "").then(msgid), width=width)
+    return lf.with_columns(**{k: pl.when(v != "").then(v) for k, v in cols.items()}, width=width).drop("f")
+
+
+def _fields_by_csv(sf: SourceFile, lines: pl.DataFrame, layout: list[str], k: int, has_header: bool) -> pl.DataFrame | None:
+    """The fast path: the file read by the CSV parser, row for row beside its lines, or None
+    when the parser rejects it (more fields than the header) so the careful path reads it.
+
+    Only called for a file with one layout, no blank lines and no line with an odd number of
+    quotes, so each line is one record."""
+    try:
+        rows = pl.read_csv(
+            sf.readable, has_header=False, skip_rows=1 if has_header else 0, new_columns=layout,
+            schema={c: pl.String for c in layout}, quote_char='"', encoding="utf8-lossy", truncate_ragged_lines=False,
+        )
+    except pl.exceptions.PolarsError:
+        return None
+    body = lines.filter(~pl.col("is_header"))
+    if rows.height != body.height:
+        return None
+    lower = [x.lower() for x in layout]
+    get = lambda name: pl.col(layout[lower.index(name.lower())]) if name.lower() in lower else pl.lit(None, dtype=pl.String)  # noqa: E731
+    fields = rows.select(
+        **{f"p_{n}": _blank_or_empty(get(n)) for n in _WANT},
+        p_msgid=pl.when(get("header_message-id") != "").then(get("header_message-id")),
+        _last_null=pl.col(layout[-1]).is_null(),
+    ).with_columns(pl.col("p_type").str.strip_prefix("\ufeff").str.strip_chars())
+    out = pl.concat([body, fields], how="horizontal")
+    # A short row reads as trailing nulls, like a row whose last fields are empty: count the
+    # fields of those rows (only) with the splitter.
+    nf = pl.when(pl.col("_last_null")).then(_split_fields(pl.col("record")).list.len().cast(pl.Int32)).otherwise(pl.lit(len(layout), dtype=pl.Int32))
+    out = out.with_columns(nf=nf, width=pl.lit(len(layout), dtype=pl.Int32)).drop("_last_null")
+    head_rows = lines.filter(pl.col("is_header")).with_columns(
+        **{f"p_{n}": pl.lit(None, dtype=pl.String) for n in _WANT}, p_msgid=pl.lit(None, dtype=pl.String),
+        nf=pl.lit(None, dtype=pl.Int32), width=pl.lit(len(layout), dtype=pl.Int32),
+    )
+    return pl.concat([head_rows, out.select(head_rows.columns)]).sort("line_no")
+
+
+def _file_frame(fi: int, sf: SourceFile, reg: _Layouts, problems: list[str], dedupe: bool) -> pl.DataFrame:
+    """One file's lines with their fields (``p_*``), layout and record checks."""
+    lines = scan_lines([sf]).collect()
+    is_header = pl.col("line").str.contains(_HEADERISH) & pl.col("line").str.contains(r"(?i)timeLogged")
+    lines = lines.with_columns(is_header=is_header, seq=pl.lit(fi << 36, dtype=pl.Int64) + pl.col("line_no"))
+    table = _file_layouts(sf, lines, reg, problems)
+    n_headers = int(lines["is_header"].sum())
+    header_first = n_headers == 0 or (n_headers == 1 and bool(lines["is_header"][0]))
+    simple = (
+        lines.height > 0
+        and header_first
+        and table.height == 1
+        and table["layout"][0] is not None
+        and not lines.select(
+            ((pl.col("line").str.count_matches('"', literal=True) % 2 == 1) | (pl.col("line").str.strip_chars() == "")).any()
+        ).item()
+    )
+    out = None
+    if simple:
+        k = table["layout"][0]
+        base = lines.with_columns(
+            record=pl.col("line"), joined_into=pl.lit(None, dtype=pl.Int64), unclosed=pl.lit(False),
+            seg=pl.col("is_header").cast(pl.Int32).cum_sum(), layout=pl.lit(k, dtype=pl.Int32),
+        )
+        out = _fields_by_csv(sf, base, reg.layouts[k], k, n_headers == 1)
+    if out is None:
+        out = (
+            _joined_records(lines.lazy())
+            .with_columns(seg=pl.col("is_header").cast(pl.Int32).cum_sum())
+            .join(table.lazy(), on=["file", "seg"], how="left", maintain_order="left")
+            .pipe(_fields_by_regex, reg.layouts)
+            .collect()
+        )
+    blank = pl.col("line").str.strip_chars() == ""
+    ident = [pl.col("record").hash(11).alias("_h1"), pl.col("record").hash(29).alias("_h2")] if dedupe else []
+    keep = ["seq", "file", "line_no", "is_header", "joined_into", "unclosed", "layout", "nf", "width", *[f"p_{n}" for n in _WANT], "p_msgid"]
+    return out.select(*keep, *ident, blank=blank, fidx=pl.lit(fi, dtype=pl.Int32))
+
+
+def load(files: list[SourceFile], options) -> "Load":
+    """Parse PowerMTA accounting files into attempts, ``tq`` connection events and the accounting."""
+    from . import Load
+
+    tz = getattr(options, "tz", "UTC") or "UTC"
+    reg = _Layouts()
+    problems: list[str] = []
+    dedupe = getattr(options, "dedupe", True) and len(files) > 1
+    frames = [_file_frame(fi, sf, reg, problems, dedupe) for fi, sf in enumerate(files) if sf.readable.stat().st_size > 0]
+    problems += [f"{sf.name}: {p}" for sf in files for p in sf.problems]
+    if not frames:
+        return Load(accounting=Accounting(problems=problems))
+    lf = pl.concat(frames, how="vertical").lazy()
     rtype = pl.col("p_type").str.to_lowercase()
 
-    blank = pl.col("line").str.strip_chars() == ""
+    blank = pl.col("blank")
     # The same record in an earlier file (a file given twice, overlapping copies) counts once.
-    if getattr(options, "dedupe", True) and len(files) > 1:
-        order = {sf.name: i for i, sf in enumerate(files)}
-        fidx = pl.col("file").replace_strict(order, return_dtype=pl.Int32)
-        duplicate = ~blank & ~pl.col("is_header") & (fidx > fidx.min().over("record"))
+    if dedupe:
+        duplicate = ~blank & ~pl.col("is_header") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))
     else:
         duplicate = pl.lit(False)
     category_reason = (
@@ -272,13 +347,14 @@ def load(files: list[SourceFile], options) -> "Load":
 
     diag = pl.col("p_dsnDiag")
     diag_type = diag.str.extract(r"^([A-Za-z0-9-]+);", 1).str.to_lowercase()
-    reply = (
-        diag.str.replace(r"^[A-Za-z0-9-]+;\s*", "")
-        .str.replace_all(r"\r?\n\d{3}[ -](?:\d\.\d{1,3}\.\d{1,3} )?", " ")
-        .str.replace(r"^(\d{3})-", "$1 ")
-        .str.replace_all(r"\s+", " ")
-        .str.strip_chars()
+    lf = lf.with_columns(
+        _reply=squash_spaces(
+            diag.str.replace(r"^[A-Za-z0-9-]+;\s*", "")
+            .str.replace_all(r"\r?\n\d{3}[ -](?:\d\.\d{1,3}\.\d{1,3} )?", " ")
+            .str.replace(r"^(\d{3})-", "$1 ")
+        )
     )
+    reply = pl.col("_reply")
     mta = pl.col("p_dsnMta").str.extract_groups(r"^\s*(?P<host>[^\s(]+)?\s*(?:\((?P<ip>[^/)\s]+)(?:/[^)]*)?\))?\s*$")
     dest_ip = pl.col("p_dlvDestinationIp").str.extract(r"^([^/\s]+)", 1)
     host = mta.struct.field("host").str.to_lowercase().str.strip_suffix(".")
@@ -303,7 +379,6 @@ def load(files: list[SourceFile], options) -> "Load":
     lf = lf.select(
         "seq", "file", "line_no", "category", "reason", pl.selectors.starts_with("p_"),
         "mx_host", "mx_ip", "smtp_code", "enhanced_code", "dsn", "response", "remote",
-        text=pl.when(pl.col("category").is_in(["skipped", "malformed", "duplicate"])).then(pl.col("line")),
     ).collect().lazy()
 
     att = lf.filter(pl.col("category") == "attempt")
@@ -355,6 +430,5 @@ def load(files: list[SourceFile], options) -> "Load":
     )
     connections = schema.conform(connections.sort("seq"), schema.CONNECTION_COLUMNS)
 
-    classified = lf.select("file", "line_no", "category", "reason", "text")
-    accounting = Accounting.from_classified(classified, fmt=FORMAT, problems=problems)
+    accounting = account(lf.select("file", "line_no", "category", "reason"), files=files, fmt=FORMAT, problems=problems)
     return Load(attempts=attempts, connections=connections, accounting=accounting)

@@ -6,8 +6,9 @@ engagement events (open, click, spamreport, unsubscribe, ...) are skipped with a
 ``response`` (deferred, delivered) or ``reason`` (bounce) is the reply; SendGrid sometimes
 replaces the receiver's reply with its own summary ("Email was deferred due to the following
 reason(s): [IPs were throttled by recipient server]"): it is kept as the response, with a
-null ``smtp_code`` and a null ``remote`` (unknown) because no reply code is shown; a response
-saying SendGrid could not connect ("unable to connect", "dial tcp … i/o timeout") is remote false.
+null ``smtp_code`` (none is shown); ``remote`` is true when the summary says the recipient
+server throttled/rejected/deferred, false when SendGrid could not connect ("unable to
+connect", "dial tcp … i/o timeout", "unavailable or took too long to respond"), else null.
 ``attempt`` (a string) numbers deferrals; deliveries and bounces continue that count.
 SendGrid never says which MX it tried: ``mx_host`` is null.  ``ip`` is SendGrid's sending IP
 (``egress_ip``), ``pool.name`` the IP pool, ``status`` the DSN SendGrid recorded.
@@ -31,8 +32,10 @@ RECORD = _esp.fields(
 )
 
 _ATTEMPT_EVENTS = {"deferred": "deferred", "delivered": "delivered", "bounce": "bounced"}
-# SendGrid's own texts when it never got a reply (its MTA reports dial and DNS errors in ``response``).
-_NO_CONTACT = r"(?i)unable to connect|connection (?:timed out|refused)|i/o timeout|dial tcp|unable to get mx|no mx"
+# SendGrid's own texts when it never got a reply (its MTA reports dial and DNS errors in
+# ``response``, and summarises some deferrals in brackets), and summaries saying the receiver did.
+_NO_CONTACT = r"(?i)unable to connect|connection (?:timed out|refused)|i/o timeout|dial tcp|unable to get mx|no mx|unavailable or took too long"
+_RECEIVER_SAID = r"(?i)(?:throttled|rejected|deferred) by (?:the )?recipient server"
 _ENGAGEMENT = ("open", "click", "spamreport", "unsubscribe", "group_unsubscribe", "group_resubscribe", "machine_opened")
 
 
@@ -85,7 +88,8 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
         pl.col("_rec").struct.field("event").replace_strict(_ATTEMPT_EVENTS, default=None).alias("outcome"),
         pl.col("_rec").struct.field("attempt").cast(pl.Int64, strict=False).alias("attempt_given"),
     ).with_columns(
-        pl.when(pl.col("smtp_code").is_not_null()).then(True).when(pl.col("response").str.contains(_NO_CONTACT)).then(False).alias("remote"),
+        pl.when(pl.col("smtp_code").is_not_null() | pl.col("response").str.contains(_RECEIVER_SAID)).then(True)
+        .when(pl.col("response").str.contains(_NO_CONTACT)).then(False).alias("remote"),
     ).drop("_rec")
 
 

@@ -111,15 +111,12 @@ def _classified(raw: pl.LazyFrame) -> pl.LazyFrame:
 def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
     r = lambda *p: s("rec", *p)  # noqa: E731
     typ = r("type")
-    response = _esp.clean_reply(pl.coalesce(r("raw_reason"), r("reason")))
-    code = pl.coalesce(_esp.reply_code(response), r("error_code").cast(pl.Int16, strict=False))
-    internal_reply = response.str.contains(r"\[internal\]")
-    ts = _esp.any_ts(r("timestamp"))
-    delay = r("queue_time").cast(pl.Float64, strict=False) / 1000
     msg = pl.coalesce(r("message_id"), r("transmission_id"))
     rcpt = pl.coalesce(r("raw_rcpt_to"), r("rcpt_to"))
+    not_remote = (typ == "out_of_band") | (r("bounce_class") == "25")
+    # Two stages so the reply, time and delay are computed once and reused.
     return att.select(
-        ts.alias("ts"),
+        _esp.any_ts(r("timestamp")).alias("ts"),
         pl.when(typ == "out_of_band").then(pl.lit("out_of_band")).when(r("bounce_class") == "25").then(pl.lit("internal"))
         .otherwise(pl.lit("smtp")).alias("agent"),
         r("message_id").alias("queue_id"),
@@ -131,19 +128,25 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
         r("sending_ip").alias("egress_ip"),
         r("ip_pool").alias("egress_pool"),
         r("ip_address").alias("mx_ip"),
-        code.alias("smtp_code"),
-        _esp.reply_enhanced(response).alias("enhanced_code"),
-        response.alias("response"),
+        _esp.clean_reply(pl.coalesce(r("raw_reason"), r("reason"))).alias("response"),
+        r("error_code").cast(pl.Int16, strict=False).alias("_error_code"),
         typ.replace_strict(_ATTEMPTS, default=None).alias("outcome"),
-        pl.when((typ == "out_of_band") | (r("bounce_class") == "25") | internal_reply).then(False)
-        .when((typ == "delivery") | code.is_not_null()).then(True).alias("remote"),
-        delay.alias("delay_s"),
-        pl.coalesce(_esp.iso_ts(r("injection_time")), ts - pl.duration(microseconds=(delay * 1e6).cast(pl.Int64, strict=False))).alias("queued_at"),
+        not_remote.alias("_not_remote"),
+        (r("queue_time").cast(pl.Float64, strict=False) / 1000).alias("delay_s"),
+        _esp.iso_ts(r("injection_time")).alias("_injected"),
         r("msg_size").cast(pl.Int64, strict=False).alias("size"),
         (r("num_retries").cast(pl.Int64, strict=False) + 1).alias("attempt_given"),
         "file",
         "line_no",
-    )
+    ).with_columns(
+        pl.coalesce(_esp.reply_code(pl.col("response")), pl.col("_error_code")).alias("smtp_code"),
+        _esp.reply_enhanced(pl.col("response")).alias("enhanced_code"),
+        pl.coalesce("_injected", pl.col("ts") - pl.duration(microseconds=(pl.col("delay_s") * 1e6).cast(pl.Int64, strict=False))).alias("queued_at"),
+    ).with_columns(
+        # "[internal]" marks SparkPost's own text, not a receiver reply
+        pl.when(pl.col("_not_remote") | pl.col("response").str.contains(r"\[internal\]")).then(False)
+        .when((pl.col("outcome") == "delivered") | pl.col("smtp_code").is_not_null()).then(True).alias("remote"),
+    ).drop("_error_code", "_not_remote", "_injected")
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
