@@ -56,6 +56,7 @@ class SourceFile:
     compression: str | None = None
     mtime: datetime | None = None
     problems: list[str] = field(default_factory=list)  # e.g. truncated compressed stream
+    from_directory: bool = False  # found by expanding a folder rather than named by the user
     _readable: Path | None = None
 
     @property
@@ -186,6 +187,7 @@ def discover(inputs: list[str | os.PathLike]) -> list[SourceFile]:
     Raises :class:`InputError` for a path that does not exist or a glob that matches nothing.
     """
     paths: list[Path] = []
+    expanded: set[Path] = set()
     for item in inputs:
         s = str(item)
         p = Path(s)
@@ -194,6 +196,7 @@ def discover(inputs: list[str | os.PathLike]) -> list[SourceFile]:
             if not found:
                 raise InputError(f"{p}: directory has no files")
             paths.extend(found)
+            expanded.update(c.resolve() for c in found)
         elif p.is_file():
             paths.append(p)
         elif any(ch in s for ch in "*?["):
@@ -220,7 +223,7 @@ def discover(inputs: list[str | os.PathLike]) -> list[SourceFile]:
             mtime = datetime.fromtimestamp(p.stat().st_mtime, tz=timezone.utc)
         except OSError as exc:
             raise InputError(f"{p}: cannot read ({exc.strerror})") from exc
-        out.append(SourceFile(path=p, compression=comp, mtime=mtime))
+        out.append(SourceFile(path=p, compression=comp, mtime=mtime, from_directory=p.resolve() in expanded))
     return out
 
 

@@ -60,22 +60,33 @@ def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 90) -> N
     raise TimeoutError(f"jupyter lab did not answer {url} within {timeout} s")
 
 
-def _run_all(page, tries: int = 3) -> None:
-    """Run > Run All Cells, once the kernel is idle; again if no cell started (the menu can open
-    before the notebook panel is ready for commands)."""
+_PROMPTS_JS = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(e => e.textContent.trim())"
+
+
+def _run_all_until(page, selector: str, timeout: float = 180) -> None:
+    """Run > Run All Cells and wait for ``selector``.  Dialogs JupyterLab may raise on the way (the
+    kernel picker when the session is not settled yet) are accepted, and Run All is repeated when
+    no cell started within 30 s (the menu can act before the notebook panel takes commands)."""
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-    for _ in range(tries):
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        item = page.locator(".lm-Menu-item", has_text="Run All Cells").first
-        item.wait_for(timeout=10_000)
-        item.click()
-        try:
-            page.wait_for_function("() => [...document.querySelectorAll('.jp-InputArea-prompt')].some(e => /\\[(\\*|\\d+)\\]/.test(e.textContent))",
-                                   timeout=15_000)
+    deadline = time.monotonic() + timeout
+    clicked = None
+    while time.monotonic() < deadline:
+        dialog = page.locator(".jp-Dialog .jp-mod-accept")
+        if dialog.count():
+            dialog.first.click()
+            continue
+        if page.locator(selector).count():
             return
-        except Exception:
-            page.keyboard.press("Escape")
-    raise AssertionError("Run All Cells did not start the notebook")
+        prompts = page.evaluate(_PROMPTS_JS)
+        idle = not any("*" in p for p in prompts) and prompts[-1] in ("[ ]:", "")
+        if clicked is None or (idle and time.monotonic() - clicked > 30):
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+            item = page.locator(".lm-Menu-item", has_text="Run All Cells").first
+            item.wait_for(timeout=10_000)
+            item.click()
+            clicked = time.monotonic()
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"{selector} did not appear within {timeout} s of Run All Cells")
 
 
 @pytest.mark.slow  # JupyterLab + Chromium + a kernel (~30-60 s)
@@ -107,8 +118,7 @@ def test_explorer_in_jupyterlab(tmp_path):
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"{base}/lab/tree/explorer.ipynb?token={token}", wait_until="domcontentloaded")
                 page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-                _run_all(page)
-                page.locator(".dk-explorer-chart svg").first.wait_for(timeout=120_000)
+                _run_all_until(page, ".dk-explorer-chart svg")
                 status = page.locator(".widget-html-content", has_text="tries against MX hosts").first
                 assert f"103 452 4.3.1 of {5 * 60 * HOURS:,} tries" in status.inner_text()
                 before = page.locator(".dk-explorer-chart").first.inner_html()

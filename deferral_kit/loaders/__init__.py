@@ -130,10 +130,23 @@ def load(paths: list[str | os.PathLike] | str | os.PathLike, *, format: str = "a
     if format != "auto" and format not in reg:
         raise InputError(f"unknown format {format!r}; known: auto, {', '.join(reg)}")
     groups: dict[str, list[SourceFile]] = {}
+    passed_over: list[str] = []
     for sf in files:
-        fmt = format if format != "auto" else detect(sf)
+        try:
+            fmt = format if format != "auto" else detect(sf)
+        except InputError as exc:
+            # A file the user named must be readable; a stray README or notes file found
+            # while expanding a folder is passed over, and the accounting says so.
+            if not sf.from_directory:
+                raise
+            passed_over.append(f"passed over {exc}")
+            continue
         groups.setdefault(fmt, []).append(sf)
-    return Load.concat([reg[fmt].load(fs, options) for fmt, fs in groups.items()])
+    if not groups:
+        raise InputError(f"no log file among {', '.join(map(str, paths))}: " + "; ".join(passed_over))
+    result = Load.concat([reg[fmt].load(fs, options) for fmt, fs in groups.items()])
+    result.accounting.problems.extend(passed_over)
+    return result
 
 
 __all__ = ["Load", "LoadOptions", "InputError", "load", "detect", "formats", "registry"]

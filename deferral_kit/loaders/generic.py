@@ -32,7 +32,7 @@ reply code split, attempt numbering).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import polars as pl
 
@@ -93,6 +93,43 @@ def number_attempts(frame: pl.LazyFrame) -> pl.LazyFrame:
     if "attempt" in have:
         return frame.with_columns(pl.col("attempt").cast(pl.Int32, strict=False).fill_null(derived))
     return frame.with_columns(derived.alias("attempt"))
+
+
+def line_batches(files: list[SourceFile], *, batch_bytes: int = 16 << 20) -> Iterator[pl.DataFrame]:
+    """The lines of ``files`` as ``file, line_no, line`` frames of about ``batch_bytes`` each,
+    read the same way as :func:`deferral_kit.sources.scan_lines` (lossy UTF-8, trailing CR
+    removed, empty lines kept).  Memory stays bounded by the batch size, which polars'
+    ``collect_batches`` does not guarantee (its reader runs ahead)."""
+    for sf in files:
+        if sf.readable.stat().st_size == 0:
+            continue
+        line_no = 1
+        rest = b""
+        with open(sf.readable, "rb") as fh:
+            # A loop over byte blocks of the file, each cut after its last line break.
+            while True:
+                block = fh.read(batch_bytes)
+                data = rest + block
+                if block:
+                    cut = data.rfind(b"\n")
+                    if cut < 0:
+                        rest = data
+                        continue
+                    data, rest = data[: cut + 1], data[cut + 1 :]
+                if not data:
+                    break
+                df = pl.read_csv(
+                    data, has_header=False, separator="\x00", quote_char=None, encoding="utf8-lossy", new_columns=["line"],
+                    schema={"line": pl.String}, truncate_ragged_lines=True, empty_string_is_null=False, extra_columns="ignore",
+                )
+                yield df.select(
+                    pl.lit(sf.name).alias("file"),
+                    (pl.int_range(pl.len(), dtype=pl.Int64) + line_no).alias("line_no"),
+                    pl.col("line").fill_null("").str.strip_suffix("\r"),
+                )
+                line_no += df.height
+                if not block:
+                    break
 
 
 def account(classified: pl.LazyFrame, *, files: list[SourceFile], fmt: str, problems: list[str]) -> Accounting:
@@ -299,4 +336,4 @@ def load_mapping(path: str) -> dict:
     return data
 
 
-__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces")
+__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches")

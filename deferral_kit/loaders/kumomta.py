@@ -28,7 +28,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, scan_lines
 from . import Load, LoadOptions
-from .generic import account, domain_of, number_attempts, squash_spaces
+from .generic import account, domain_of, line_batches, number_attempts, squash_spaces
 
 FORMAT = "kumomta"
 
@@ -240,7 +240,7 @@ def _canonical(recs: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
-_BATCH_LINES = 100_000
+_BATCH_BYTES = 16 << 20
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
@@ -250,7 +250,10 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     # per-record row (for the accounting) plus the canonical columns of its attempt records,
     # and its text is dropped before the next one is read.
     slim, tried = [], []
-    for batch in _lines(files).collect_batches(chunk_size=_BATCH_LINES):
+    docs = {sf.name for sf in files if _is_document(sf)}
+    # File order is kept: a document is one batch of one line.
+    batches = (b for sf in files for b in ([_document_lines(sf).collect()] if sf.name in docs else line_batches([sf], batch_bytes=_BATCH_BYTES)))
+    for batch in batches:
         recs = _decode(batch).with_columns(
             pl.col("rec").struct.field("type").alias("_type"),
             (pl.col("line").str.strip_chars() == "").alias("_blank"),

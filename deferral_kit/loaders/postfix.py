@@ -24,6 +24,21 @@ rollover).  Stamps without an offset are read in ``options.tz``: an ambiguous wa
 that does not exist (the hour skipped when DST starts, which a correct clock never
 writes) is read with the offset in force just before the gap.  A shipper's RFC 3339
 stamp in front of the syslog header is preferred over the syslog stamp.
+
+Field decisions: ``instance`` is the syslog_name before the first ``/`` (``postfix``,
+``postfix-out2``), ``agent`` the daemon after the last one; ``egress_ip`` only from an
+instance named after an address (``postfix-10.20.30.40``).  ``response`` is the remote
+reply as Postfix logged it (multi-line replies keep their inline ``450-4.2.1`` prefixes),
+or the MTA's own reason text when no server replied (``connect to …: Connection timed
+out``, ``delivery temporarily suspended: …``); ``smtp_code`` and the reply's enhanced code
+come only from a remote reply, ``enhanced_code`` falls back to ``dsn``.  ``relay=none``
+takes ``mx_host``/``mx_ip`` from the host named in the reason.  ``message_key`` is
+``log_host/instance/queue_id#generation``, the generation counting qmgr ``removed`` lines
+of that queue id before the line.  Expiry rows (agent ``qmgr``) have a null ``attempt``:
+they are not tries.  Rows come in line order (files in rotation order).
+
+Lines are parsed in batches of :data:`BATCH_LINES` by the streaming engine into a scratch
+Parquet file, so memory does not grow with the input while parsing.
 """
 
 from __future__ import annotations
@@ -166,10 +181,6 @@ def _file_lines(fidx: int, sf: SourceFile, options: LoadOptions, *, offset: int 
     )
 
 
-def _hostip(i: int) -> tuple[pl.Expr, pl.Expr]:
-    return pl.col(f"h{i}"), pl.col(f"ip{i}")
-
-
 def _stage(expr_cmd: pl.Expr) -> pl.Expr:
     """Canonical stage from a Postfix command name ("end of DATA", "RCPT TO", …) or a
     "while …" phrase of a lost connection."""
@@ -187,7 +198,7 @@ def _stage(expr_cmd: pl.Expr) -> pl.Expr:
     )
 
 
-def _reason_fields(text: pl.Expr) -> list[pl.Expr]:
+def _reason_fields() -> list[pl.Expr]:
     """Columns parsed from a reason/connection text (struct ``r`` must be unnested first)."""
     reply = pl.coalesce(pl.col("reply"), pl.col("sasl"))
     host = pl.coalesce(*[pl.col(f"h{i}") for i in range(1, 6)]).str.to_lowercase().str.strip_suffix(".")
@@ -261,7 +272,7 @@ def _classified(lines: pl.LazyFrame, dup_hashes: pl.DataFrame | None) -> pl.Lazy
         pl.when(pl.col("kind") == "conn").then(msg.str.extract(r"^([0-9A-Za-z]+): ", 1)).otherwise(pl.col("queue_id")).alias("queue_id"),
         rtext.alias("rtext"),
     )
-    lf = lf.with_columns(pl.col("rtext").str.extract_groups(REASON_RE).alias("r")).unnest("r").with_columns(_reason_fields(pl.col("rtext")))
+    lf = lf.with_columns(pl.col("rtext").str.extract_groups(REASON_RE).alias("r")).unnest("r").with_columns(_reason_fields())
     lf = lf.with_columns(_record_fields()).with_columns(_final_stage())
     # context fields
     ctx_q = pl.col("kind").is_in(("qmgr_from", "expired", "removed", "message_id"))
@@ -386,10 +397,6 @@ def _compact(classified: pl.LazyFrame) -> pl.LazyFrame:
 
 # --- records → canonical tables ---------------------------------------------------------------
 
-def _strip_angle(c: str) -> pl.Expr:
-    return pl.col(c).str.strip_prefix("<").str.strip_suffix(">")
-
-
 def _with_message_key(rec: pl.DataFrame) -> pl.DataFrame:
     """A queue id is reused after ``removed``: the generation counts removals before each line
     of (log_host, instance, queue_id), in line order."""
@@ -484,14 +491,14 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         for fidx, sf in enumerate(files):
             offset = 0
             while True:
-                part = Path(tmp) / f"{fidx}_{offset}.parquet"
+                part = Path(tmp) / f"{fidx}_{offset}.arrow"
                 lines = _file_lines(fidx, sf, options, offset=offset, length=BATCH_LINES)
-                _compact(_classified(lines, dup_hashes)).sink_parquet(part, engine="streaming")
+                _compact(_classified(lines, dup_hashes)).sink_ipc(part, engine="streaming")
                 parts.append(part)
-                if pl.scan_parquet(part).select(pl.len()).collect().item() < BATCH_LINES:
+                if pl.scan_ipc(part).select(pl.len()).collect().item() < BATCH_LINES:
                     break
                 offset += BATCH_LINES
-        per_line = pl.scan_parquet(parts)
+        per_line = pl.scan_ipc(parts)
         acc_frame = per_line.select("fidx", "line_no", "category", "acc_reason").collect()
         # line order over all files (files are in rotation order): the tie-break after ts
         seq = (pl.col("fidx").cast(pl.Int64) * 10**12 + pl.col("line_no")).alias("seq")
@@ -520,7 +527,7 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     firsts = (
         acc_frame.filter(pl.col("category").is_in(["malformed", "skipped", "duplicate"]))
         .group_by("fidx", "category", "acc_reason")
-        .agg(pl.col("line_no").head(3))
+        .agg(pl.col("line_no").bottom_k(3))
         .explode("line_no")
         .select("fidx", "line_no")
     )
@@ -536,9 +543,10 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         )
     text_df = pl.concat(texts) if texts else pl.DataFrame(schema={"fidx": pl.Int32, "line_no": pl.Int64, "text": pl.String})
     file_enum = pl.Enum(list(dict.fromkeys(names)))
+    with_text = acc_frame.lazy().join(text_df.lazy(), on=["fidx", "line_no"], how="left")
     acc_lf = (
-        acc_frame.lazy()
-        .join(text_df.lazy(), on=["fidx", "line_no"], how="left")
+        # example lines first, in line order: from_classified keeps the first rows of each reason
+        pl.concat([with_text.filter(pl.col("text").is_not_null()).sort("fidx", "line_no"), with_text.filter(pl.col("text").is_null())])
         .select(
             pl.col("fidx").replace_strict(list(range(len(names))), names, return_dtype=file_enum).alias("file"),
             "line_no",
