@@ -128,3 +128,16 @@ def test_rare_domains_are_lumped(attempts):
     # outlook.com leads by its suspension rows; the rest tie and are kept alphabetically
     assert set(c["recipient_domain"]) == {"outlook.com", "contoso.com", explore.OTHER}
     assert c.filter(pl.col("recipient_domain") == explore.OTHER)["rows"].sum() == 3 * 60 * HOURS
+
+
+def test_explorer_notebook_is_committed_clean():
+    import json
+    from pathlib import Path
+
+    from deferral_kit import report
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "explorer.ipynb"
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert all(c.get("outputs") == [] and c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
+    assert set(report.notebook_parameters(path)) == {"inputs", "input_format", "log_tz", "display_tz"}

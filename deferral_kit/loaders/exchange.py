@@ -177,7 +177,7 @@ def _canonical(frame: pl.LazyFrame) -> pl.LazyFrame:
         _fqdn=pl.when(status.str.contains("{FQDN=", literal=True)).then(status).str.extract(r"\{FQDN=([^}]*)\}"),
         _ip=pl.when(status.str.contains("{IP=", literal=True)).then(status).str.extract(r"\{IP=([^}]*)\}"),
         # SEND: the next hop's reply to the end of data sits in source-context (";250 2.6.0 ... ;ClientSubmitTime:").
-        _sent=pl.col("source-context").str.extract(r"^;?\s*(?:[^;=]*=\s*)?([2-5]\d\d[ -][^;]*)"),
+        _sent=pl.when(pl.col("_event").is_in(["SEND", "SENDEXTERNAL"])).then(pl.col("source-context")).str.extract(r"^;?\s*(?:[^;=]*=\s*)?([2-5]\d\d[ -][^;]*)"),
         _ev=pl.col("_event"),
         _src=pl.col("source").str.to_uppercase(),
     )
@@ -187,8 +187,9 @@ def _canonical(frame: pl.LazyFrame) -> pl.LazyFrame:
     frame = frame.with_columns(
         _inner=pl.when(outer.str.contains("responded with", literal=True)).then(outer).str.extract(r'responded with:?\s*"?(\d{3}[ -][^"]*)"?'),
         _outer_g=outer.str.extract_groups(REPLY_REGEX),
-        _expired=(ev == "FAIL") & outer.str.contains(r"4\.4\.7|QUEUE\.Expired").fill_null(False),
-        _local=outer.str.contains(_LOCAL_STATUS).fill_null(False),
+        # Regexes run only on the rows whose outcome they can change (null elsewhere: cheap).
+        _expired=pl.when(ev == "FAIL").then(outer).str.contains(r"4\.4\.7|QUEUE\.Expired").fill_null(False),
+        _local=pl.when(ev.is_in(["DEFER", "FAIL"])).then(outer).str.contains(_LOCAL_STATUS).fill_null(False),
     )
     inner = pl.col("_inner")
     response = squash_spaces(pl.when(is_send & pl.col("_sent").is_not_null()).then(pl.col("_sent")).otherwise(inner.fill_null(outer)))
@@ -241,18 +242,26 @@ def _canonical(frame: pl.LazyFrame) -> pl.LazyFrame:
     ).with_columns(
         ((pl.col("ts") - pl.col("queued_at")).dt.total_microseconds() / 1e6).alias("delay_s"),
     )
-    return number_attempts(schema.conform(out.with_columns(pl.lit(None, dtype=pl.Int32).alias("attempt"))))
+    return schema.conform(out.with_columns(pl.lit(None, dtype=pl.Int32).alias("attempt")))
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """Exchange message tracking files → attempts (one row per recipient of each DEFER, FAIL,
     SEND, SENDEXTERNAL and DELIVER event); no connection events (the tracking log has none)."""
-    parts = [_rows(sf) for sf in files]
-    rows = pl.concat([p[0] for p in parts], how="vertical")
-    headers = pl.concat([p[1] for p in parts], how="vertical")
-    # One pass over the files: the row checks, hashes and attempt fields are read once and
-    # the accounting and the attempts both come from this frame.
-    rows = rows.collect(engine="streaming")
+    # One pass over each file, one file at a time (memory): its row checks and hashes (for
+    # the accounting) and the canonical attempts of its delivery events.  Only the duplicate
+    # check and the attempt numbering need all files, and they run on those small results.
+    slim, tried, headers = [], [], []
+    for sf in files:
+        rows, header = _rows(sf)
+        rows = rows.collect(engine="streaming")
+        headers.append(header)
+        slim.append(rows.select("file", "line_no", "_complete", "_blank", "_ts_ok", "_event", "_h1", "_h2"))
+        ok = ~pl.col("_blank") & pl.col("_complete") & pl.col("_ts_ok") & pl.col("_event").is_in(_ATTEMPT_EVENTS).fill_null(False)
+        att = rows.lazy().filter(ok).drop("_complete", "_blank", "_ts_ok", "_h1", "_h2")
+        tried.append(_canonical(_per_recipient(att)).collect())
+        del rows
+    rows = pl.concat(slim)
     first = pl.struct("_h1", "_h2").is_first_distinct() if options.dedupe else pl.lit(True)
     event = pl.col("_event")
     category = (
@@ -271,15 +280,18 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         .when(event.is_in(_ATTEMPT_EVENTS)).then(pl.lit(None, dtype=pl.String))
         .otherwise(pl.concat_str(event, pl.lit(" event (not a delivery try)")))
     )
-    rows = rows.with_columns(category.alias("_category"), reason.alias("_reason"))
+    rows = rows.with_columns(category.alias("category"), reason.alias("reason"))
     classified = pl.concat(
         [
-            rows.lazy().select("file", "line_no", pl.col("_category").alias("category"), pl.col("_reason").alias("reason")),
-            headers.select("file", "line_no", pl.lit("context").alias("category"), pl.lit("#header").alias("reason")),
+            rows.lazy().select("file", "line_no", "category", "reason"),
+            pl.concat(headers).select("file", "line_no", pl.lit("context").alias("category"), pl.lit("#header").alias("reason")),
         ],
         how="vertical",
     )
     accounting = account(classified, files=files, fmt=FORMAT, problems=[f"{sf.name}: {p}" for sf in files for p in sf.problems])
-    att = rows.lazy().filter(pl.col("_category") == "attempt").drop("_complete", "_blank", "_ts_ok", "_h1", "_h2", "_category", "_reason")
-    attempts = _canonical(_per_recipient(att)).collect().lazy()
+    attempts = pl.concat(tried)
+    dups = rows.filter(pl.col("category") == "duplicate").select("file", "line_no")
+    if dups.height:
+        attempts = attempts.join(dups, on=["file", "line_no"], how="anti", maintain_order="left")
+    attempts = number_attempts(attempts.lazy()).collect().lazy()
     return Load(attempts=attempts, connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

@@ -35,6 +35,7 @@ import polars as pl
 from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, scan_lines
+from .generic import account, squash_spaces
 
 FORMAT = "exim"
 
@@ -94,8 +95,7 @@ def join_reply_lines(expr: pl.Expr) -> pl.Expr:
         expr.str.replace_all(r"\\{1,2}n\d{3}[ -](?:\d\.\d{1,3}\.\d{1,3} )?", " ")
         .str.replace_all(r"\\{1,2}n", " ")
         .str.replace(r"^(\d{3})-", "$1 ")
-        .str.replace_all(r"\s+", " ")
-        .str.strip_chars()
+        .pipe(squash_spaces)
     )
 
 
@@ -213,10 +213,12 @@ def _records(files: list[SourceFile], options) -> pl.LazyFrame:
     )
 
 
-def load(files: list[SourceFile], options) -> "Load":
-    """Parse Exim mainlogs into attempts, connection events and the line accounting."""
-    from . import Load
-
+def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.DataFrame:
+    """One file's lines parsed and classified (all but the cross-file steps: duplicates and
+    message instances), reduced to the columns the attempts, connections and accounting use.
+    ``offset`` makes ``seq`` run on over files; ``identity`` adds line hashes for the
+    duplicate check."""
+    files = [sf]
     rec = _records(files, options).with_columns(ts=_timestamps(files, options))
     body = pl.col("body")
     rec = rec.with_columns(queue_id=body.str.extract(rf"^({_ID}) ", 1)).with_columns(
@@ -287,18 +289,8 @@ def load(files: list[SourceFile], options) -> "Load":
         & ~pl.col("rest").str.contains(r"(?i)\brejected\b|\bdropped\b|closed by|\bF=|\bP=")
     )
     rest = pl.col("rest")
-    # The same line in an earlier file (a file given twice under two names, overlapping
-    # rotated copies) is counted once.
-    if getattr(options, "dedupe", True) and len(files) > 1:
-        order = {sf.name: i for i, sf in enumerate(files)}
-        fidx = pl.col("file").replace_strict(order, return_dtype=pl.Int32)
-        duplicate = pl.col("has_ts") & (fidx > fidx.min().over("line"))
-    else:
-        duplicate = pl.lit(False)
     category_reason = (
-        pl.when(duplicate)
-        .then(pl.struct(c=pl.lit("duplicate"), r=pl.lit("identical line in an earlier file")))
-        .when(pl.col("is_cont") & (pl.col("has_ts") | pl.col("_prev_start").is_not_null()))
+        pl.when(pl.col("is_cont") & (pl.col("has_ts") | pl.col("_prev_start").is_not_null()))
         .then(pl.struct(c=pl.lit("context"), r=pl.lit("continuation line joined to its record")))
         .when(~pl.col("has_ts"))
         .then(pl.struct(c=pl.lit("malformed"), r=pl.lit("not an Exim log line (no timestamp)")))
@@ -331,25 +323,48 @@ def load(files: list[SourceFile], options) -> "Load":
         category=pl.col("cr").struct.field("c"), reason=pl.col("cr").struct.field("r")
     )
 
+    ident = [pl.col("line").hash(11).alias("_h1"), pl.col("line").hash(29).alias("_h2")] if identity else []
+    return rec.select(
+        (pl.col("seq").cast(pl.Int64) + offset).alias("seq"),
+        "file", "line_no", "has_ts", "ts", "log_host", "queue_id", "flag", "rcpt", "extra", "transport",
+        "egress_ip", "conf", "qt", "dsize", "fsender", "errno", "msg", "mx_host", "mx_ip", "proto", "smtp_stage",
+        "response", "smtp_code", "enhanced_code", "category", "reason", *ident,
+        message_id=pl.when(pl.col("flag") == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1)),
+        rest=pl.when(pl.col("category") == "connection").then(pl.col("rest")),
+        text=pl.when(pl.col("category").is_in(["skipped", "malformed"])).then(pl.col("line")),
+    ).collect()
+
+
+def load(files: list[SourceFile], options) -> "Load":
+    """Parse Exim mainlogs into attempts, connection events and the line accounting."""
+    from . import Load
+
+    # One file at a time (memory: every line's intermediate strings are dropped with its
+    # file); the cross-file steps below run on the parsed, reduced rows.
+    identity = getattr(options, "dedupe", True) and len(files) > 1
+    parts, offset = [], 0
+    for fi, sf in enumerate(files):
+        part = _parse_file(sf, options, offset=offset, identity=identity)
+        parts.append(part.with_columns(fidx=pl.lit(fi, dtype=pl.Int32)))
+        offset += part.height
+    rec = pl.concat(parts).lazy()
+    # The same line in an earlier file (a file given twice under two names, overlapping
+    # rotated copies) is counted once.
+    if identity:
+        duplicate = pl.col("has_ts") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))
+        rec = rec.with_columns(
+            category=pl.when(duplicate).then(pl.lit("duplicate")).otherwise(pl.col("category")),
+            reason=pl.when(duplicate).then(pl.lit("identical line in an earlier file")).otherwise(pl.col("reason")),
+        )
     # --- message instances: an id is reused when an arrival repeats it -----------------------
     key_base = pl.when(pl.col("log_host").is_not_null()).then(pl.col("log_host") + "/" + pl.col("queue_id")).otherwise(pl.col("queue_id"))
     rec = rec.with_columns(_key_base=key_base).with_columns(
         _gen=(pl.col("flag") == "<=").fill_null(False).cast(pl.Int32).cum_sum().over("_key_base")
     ).with_columns(
         message_key=pl.when(pl.col("_gen") <= 1).then(pl.col("_key_base")).otherwise(pl.col("_key_base") + "." + pl.col("_gen").cast(pl.String))
-    )
-    # Parse once: attempts, connections and the accounting all read this frame.
-    needed = [
-        "seq", "file", "line_no", "ts", "log_host", "queue_id", "message_key", "flag", "rcpt", "extra", "transport",
-        "egress_ip", "conf", "qt", "dsize", "fsender", "errno", "msg", "mx_host", "mx_ip", "proto", "smtp_stage",
-        "response", "smtp_code", "enhanced_code", "category", "reason",
-    ]
-    rec = rec.select(
-        *needed,
-        message_id=pl.when(pl.col("flag") == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1)),
-        rest=pl.when(pl.col("category") == "connection").then(pl.col("rest")),
-        text=pl.when(pl.col("category").is_in(["skipped", "malformed", "duplicate"])).then(pl.col("line")),
-    ).collect().lazy()
+    ).drop("_key_base", "_gen", "has_ts", "fidx", "_h1", "_h2", strict=False).collect().lazy()
+    flag = pl.col("flag")
+    msg = pl.col("msg")
     arrivals = (
         rec.filter((pl.col("category") == "context") & (pl.col("flag") == "<="))
         .select(
@@ -460,5 +475,5 @@ def load(files: list[SourceFile], options) -> "Load":
 
     classified = rec.select("file", "line_no", "category", "reason", "text")
     problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
-    accounting = Accounting.from_classified(classified, fmt=FORMAT, problems=problems)
+    accounting = account(classified, files=files, fmt=FORMAT, problems=problems)
     return Load(attempts=attempts, connections=connections, accounting=accounting)

@@ -464,6 +464,70 @@ def _connections(con: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
     return schema.conform(con, schema.CONNECTION_COLUMNS)
 
 
+def _accounting(per_line: pl.LazyFrame, files: list[SourceFile]) -> Accounting:
+    """Lines per (file, category, reason), with the text of the first three lines of each
+    skipped/malformed/duplicate reason (re-read from the file: the per-line frame keeps no text)."""
+    acc_frame = per_line.select("fidx", "line_no", "category", "acc_reason").collect()
+    firsts = (
+        acc_frame.filter(pl.col("category").is_in(["malformed", "skipped", "duplicate"]))
+        .group_by("fidx", "category", "acc_reason")
+        .agg(pl.col("line_no").bottom_k(3))
+        .explode("line_no")
+        .select("fidx", "line_no")
+    )
+    texts = []
+    for fidx in firsts["fidx"].unique().to_list():
+        nos = firsts.filter(pl.col("fidx") == fidx)["line_no"]
+        texts.append(
+            scan_lines([files[fidx]])
+            .slice(0, int(nos.max()))  # first occurrences are usually early: stop reading there
+            .filter(pl.col("line_no").is_in(nos.implode()))
+            .select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", pl.col("line").alias("text"))
+            .collect(engine="streaming")
+        )
+    text_df = pl.concat(texts) if texts else pl.DataFrame(schema={"fidx": pl.Int32, "line_no": pl.Int64, "text": pl.String})
+    names = [sf.name for sf in files]
+    file_enum = pl.Enum(list(dict.fromkeys(names)))
+    with_text = acc_frame.lazy().join(text_df.lazy(), on=["fidx", "line_no"], how="left")
+    acc_lf = (
+        # example lines first, in line order: from_classified keeps the first rows of each reason
+        pl.concat([with_text.filter(pl.col("text").is_not_null()).sort("fidx", "line_no"), with_text.filter(pl.col("text").is_null())])
+        .select(
+            pl.col("fidx").replace_strict(list(range(len(names))), names, return_dtype=file_enum).alias("file"),
+            "line_no",
+            "category",
+            pl.col("acc_reason").alias("reason"),
+            pl.col("text").fill_null(""),
+        )
+    )
+    problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
+    return Accounting.from_classified(acc_lf, fmt=FORMAT, problems=problems)
+
+
+def _records(per_line: pl.LazyFrame) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Attempt lines, connection lines and context lines (qmgr from=, message-id, expired),
+    each with its own columns only (a null string cell still costs 16 bytes) and its
+    ``message_key``; low-cardinality columns stay categorical until ``schema.conform``."""
+    # line order over all files (files are in rotation order): the tie-break after ts
+    seq = (pl.col("fidx").cast(pl.Int64) * 10**12 + pl.col("line_no")).alias("seq")
+    is_rec = pl.col("category").is_in(["attempt", "connection", "context"])
+    keys = _with_message_key(
+        per_line.filter(is_rec & pl.col("queue_id").is_not_null()).select(seq, "host", "instance", "queue_id", "kind").collect()
+    ).select("seq", "message_key")
+
+    def records(where: pl.Expr, cols: list[str]) -> pl.DataFrame:
+        return per_line.filter(where).select(seq, *cols).collect().join(keys, on="seq", how="left")
+
+    common = ["fidx", "line_no", "ts", "host", "instance", "daemon", "queue_id", "egress_ip", "mx_host", "mx_ip", "smtp_code", "enhanced_code", "smtp_stage", "response"]
+    att = records(
+        pl.col("category") == "attempt",
+        common + ["recipient", "orig_recipient", "recipient_domain", "dsn", "outcome", "remote", "delay_s", "queued_at"],
+    )
+    con = records(pl.col("category") == "connection", common + ["event"])
+    ctx = records(pl.col("kind").is_in(["qmgr_from", "message_id", "expired"]), ["fidx", "line_no", "ts", "kind", "sender", "size", "message_id"])
+    return att, con, ctx
+
+
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """Read Postfix logs into attempts (one row per recipient per try), connection events
     and the line accounting (every line: attempt, connection, context, skipped, duplicate
@@ -491,73 +555,19 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         for fidx, sf in enumerate(files):
             offset = 0
             while True:
-                part = Path(tmp) / f"{fidx}_{offset}.arrow"
+                part = Path(tmp) / f"{fidx}_{offset}.parquet"
                 lines = _file_lines(fidx, sf, options, offset=offset, length=BATCH_LINES)
-                _compact(_classified(lines, dup_hashes)).sink_ipc(part, engine="streaming")
+                _compact(_classified(lines, dup_hashes)).sink_parquet(part, engine="streaming")
                 parts.append(part)
-                if pl.scan_ipc(part).select(pl.len()).collect().item() < BATCH_LINES:
+                if pl.scan_parquet(part).select(pl.len()).collect().item() < BATCH_LINES:
                     break
                 offset += BATCH_LINES
-        per_line = pl.scan_ipc(parts)
-        acc_frame = per_line.select("fidx", "line_no", "category", "acc_reason").collect()
-        # line order over all files (files are in rotation order): the tie-break after ts
-        seq = (pl.col("fidx").cast(pl.Int64) * 10**12 + pl.col("line_no")).alias("seq")
-        is_rec = pl.col("category").is_in(["attempt", "connection", "context"])
-        # Each kind of record is read with its own columns only: null string cells still cost
-        # 16 bytes each in memory.
-        keys = _with_message_key(
-            per_line.filter(is_rec & pl.col("queue_id").is_not_null()).select(seq, "host", "instance", "queue_id", "kind").collect()
-        ).select("seq", "message_key")
-
-        def records(where: pl.Expr, cols: list[str]) -> pl.DataFrame:
-            got = per_line.filter(where).select(seq, *cols).collect()
-            return got.join(keys, on="seq", how="left").with_columns(pl.col(c).cast(pl.String) for c in cols if c in _CATEGORICAL)
-
-        common = ["fidx", "line_no", "ts", "host", "instance", "daemon", "queue_id", "egress_ip", "mx_host", "mx_ip", "smtp_code", "enhanced_code", "smtp_stage", "response"]
-        att = records(
-            pl.col("category") == "attempt",
-            common + ["recipient", "orig_recipient", "recipient_domain", "dsn", "outcome", "remote", "delay_s", "queued_at"],
-        )
-        con = records(pl.col("category") == "connection", common + ["event"])
-        ctx = records(pl.col("kind").is_in(["qmgr_from", "message_id", "expired"]), ["fidx", "line_no", "ts", "kind", "sender", "size", "message_id"])
+        per_line = pl.scan_parquet(parts)
+        # accounting first, so its per-line frame is freed before the records are read
+        accounting = _accounting(per_line, files)
+        att, con, ctx = _records(per_line)
     names = [sf.name for sf in files]
     file_names = pl.DataFrame({"fidx": list(range(len(files))), "file": names}, schema={"fidx": pl.Int32, "file": pl.String})
-
-    # accounting, with the text of the first few lines per (file, category, reason) as examples
-    firsts = (
-        acc_frame.filter(pl.col("category").is_in(["malformed", "skipped", "duplicate"]))
-        .group_by("fidx", "category", "acc_reason")
-        .agg(pl.col("line_no").bottom_k(3))
-        .explode("line_no")
-        .select("fidx", "line_no")
-    )
-    texts = []
-    for fidx in firsts["fidx"].unique().to_list():
-        nos = firsts.filter(pl.col("fidx") == fidx)["line_no"]
-        texts.append(
-            scan_lines([files[fidx]])
-            .slice(0, int(nos.max()))  # first occurrences are usually early: stop reading there
-            .filter(pl.col("line_no").is_in(nos.implode()))
-            .select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", pl.col("line").alias("text"))
-            .collect(engine="streaming")
-        )
-    text_df = pl.concat(texts) if texts else pl.DataFrame(schema={"fidx": pl.Int32, "line_no": pl.Int64, "text": pl.String})
-    file_enum = pl.Enum(list(dict.fromkeys(names)))
-    with_text = acc_frame.lazy().join(text_df.lazy(), on=["fidx", "line_no"], how="left")
-    acc_lf = (
-        # example lines first, in line order: from_classified keeps the first rows of each reason
-        pl.concat([with_text.filter(pl.col("text").is_not_null()).sort("fidx", "line_no"), with_text.filter(pl.col("text").is_null())])
-        .select(
-            pl.col("fidx").replace_strict(list(range(len(names))), names, return_dtype=file_enum).alias("file"),
-            "line_no",
-            "category",
-            pl.col("acc_reason").alias("reason"),
-            pl.col("text").fill_null(""),
-        )
-    )
-    problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
-    accounting = Accounting.from_classified(acc_lf, fmt=FORMAT, problems=problems)
-
     return Load(
         attempts=_attempts(att, ctx, file_names),
         connections=_connections(con, file_names),
