@@ -175,6 +175,9 @@ def with_provider(attempts: pl.LazyFrame, *, rules=None) -> pl.LazyFrame:
         "_k_reply": pl.when(raw_no_host).then(pl.col("response")).otherwise(None) if "response" in have else pl.lit(None, dtype=pl.String),
         "_k_domain": pl.when(raw_no_host).then(pl.col("recipient_domain")).otherwise(None)
         if "recipient_domain" in have else pl.lit(None, dtype=pl.String),
+        # Postfix names the LMTP socket in the address slot (relay=mail.example.org[private/dovecot-lmtp]),
+        # so a real-looking host name can still be a hop inside our own machine.
+        "_k_local_ip": is_local_hop(pl.lit(None, dtype=pl.String), "mx_ip") if "mx_ip" in have else pl.lit(False),
     }
     lf = lf.with_columns(**keys)
 
@@ -188,9 +191,10 @@ def with_provider(attempts: pl.LazyFrame, *, rules=None) -> pl.LazyFrame:
     lookup = (
         lf.select(list(keys)).unique()
         .with_columns(
-            pl.when(has_host).then(provider_of(pl.col("_k_host"), rules=table))
+            pl.when(pl.col("_k_local_ip")).then(pl.lit(LOCAL))
+            .when(has_host).then(provider_of(pl.col("_k_host"), rules=table))
             .otherwise(pl.coalesce(from_reply, from_domain, pl.lit(UNKNOWN))).alias("provider"),
-            pl.when(has_host).then(pl.lit("mx"))
+            pl.when(has_host | pl.col("_k_local_ip")).then(pl.lit("mx"))
             .when(from_reply.is_not_null()).then(pl.lit("reply"))
             .when(from_domain.is_not_null()).then(pl.lit("domain"))
             .otherwise(pl.lit(None, dtype=pl.String)).alias("provider_basis"),

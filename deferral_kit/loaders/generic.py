@@ -143,93 +143,21 @@ def account(classified: pl.LazyFrame, *, files: list[SourceFile], fmt: str, prob
     acc = Accounting.from_classified(classified, fmt=fmt, problems=problems)
     missing = acc.examples.filter(pl.col("text").is_null())
     if missing.height:
-        want = missing.select("file", "line_no").unique()
-        names = set(want["file"].to_list())
-        texts = (
-            scan_lines([sf for sf in files if sf.name in names])
-            .join(want.lazy(), on=["file", "line_no"], how="semi")
-            .select("file", "line_no", pl.col("line").str.slice(0, 500).alias("_read"))
-            .collect(engine="streaming")
+        # Block by block (a scan of the whole file would map it all into memory).
+        wanted = missing.select("file", "line_no").unique()
+        names = set(wanted["file"].to_list())
+        texts = pl.concat(
+            [
+                batch.join(wanted, on=["file", "line_no"], how="semi").select("file", "line_no", pl.col("line").str.slice(0, 500).alias("_read"))
+                for batch in line_batches([sf for sf in files if sf.name in names])
+            ]
+            or [pl.DataFrame(schema={"file": pl.String, "line_no": pl.Int64, "_read": pl.String})]
         )
         acc.examples = (
             acc.examples.join(texts, on=["file", "line_no"], how="left", maintain_order="left")
             .with_columns(pl.col("text").fill_null(pl.col("_read")))
             .drop("_read")
         )
-    return acc
-
-
-def squash_spaces(text: pl.Expr) -> pl.Expr:
-    """Runs of whitespace as one space, trimmed (same result as ``replace_all(r"\\s+", " ")``)."""
-    # A lone space, nearly every match of "\s+", is left alone: several times faster.
-    return text.str.replace_all(r"[^\S ]\s*|\s{2,}", " ").str.strip_chars()
-
-
-def number_attempts(frame: pl.LazyFrame) -> pl.LazyFrame:
-    """Fill ``attempt`` where null: 1 for the first row of a (message_key, recipient) in time
-    order (file/line order breaking ties), counting up.  Rows are returned in time order."""
-    keys = ["message_key", "recipient"]
-    have = frame.collect_schema()
-    frame = frame.sort("ts", "file", "line_no", nulls_last=True)
-    derived = (pl.int_range(pl.len()).over(keys) + 1).cast(pl.Int32)
-    if "attempt" in have:
-        return frame.with_columns(pl.col("attempt").cast(pl.Int32, strict=False).fill_null(derived))
-    return frame.with_columns(derived.alias("attempt"))
-
-
-def line_batches(files: list[SourceFile], *, batch_bytes: int = 16 << 20) -> Iterator[pl.DataFrame]:
-    """The lines of ``files`` as ``file, line_no, line`` frames of about ``batch_bytes`` each,
-    read the same way as :func:`deferral_kit.sources.scan_lines` (lossy UTF-8, trailing CR
-    removed, empty lines kept).  Memory stays bounded by the batch size, which polars'
-    ``collect_batches`` does not guarantee (its reader runs ahead)."""
-    for sf in files:
-        if sf.readable.stat().st_size == 0:
-            continue
-        line_no = 1
-        rest = b""
-        with open(sf.readable, "rb") as fh:
-            # A loop over byte blocks of the file, each cut after its last line break.
-            while True:
-                block = fh.read(batch_bytes)
-                data = rest + block
-                if block:
-                    cut = data.rfind(b"\n")
-                    if cut < 0:
-                        rest = data
-                        continue
-                    data, rest = data[: cut + 1], data[cut + 1 :]
-                if not data:
-                    break
-                df = pl.read_csv(
-                    data, has_header=False, separator="\x00", quote_char=None, encoding="utf8-lossy", new_columns=["line"],
-                    schema={"line": pl.String}, truncate_ragged_lines=True, empty_string_is_null=False, extra_columns="ignore",
-                )
-                yield df.select(
-                    pl.lit(sf.name).alias("file"),
-                    (pl.int_range(pl.len(), dtype=pl.Int64) + line_no).alias("line_no"),
-                    pl.col("line").fill_null("").str.strip_suffix("\r"),
-                )
-                line_no += df.height
-                if not block:
-                    break
-
-
-def account(classified: pl.LazyFrame, *, files: list[SourceFile], fmt: str, problems: list[str]) -> Accounting:
-    """The accounting of ``classified`` (``file, line_no, category, reason``: one row per line).
-
-    The example texts are read back from the files for the few example lines only, so a
-    loader need not carry every line's text through its parse."""
-    acc = Accounting.from_classified(classified.with_columns(pl.lit(None, dtype=pl.String).alias("text")), fmt=fmt, problems=problems)
-    if acc.examples.height:
-        want = acc.examples.select("file", "line_no").unique()
-        names = set(want["file"].to_list())
-        texts = (
-            scan_lines([sf for sf in files if sf.name in names])
-            .join(want.lazy(), on=["file", "line_no"], how="semi")
-            .select("file", "line_no", pl.col("line").str.slice(0, 500).alias("text"))
-            .collect(engine="streaming")
-        )
-        acc.examples = acc.examples.drop("text").join(texts, on=["file", "line_no"], how="left", maintain_order="left").select(acc.examples.columns)
     return acc
 
 

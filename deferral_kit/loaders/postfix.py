@@ -35,7 +35,7 @@ come only from a remote reply, ``enhanced_code`` falls back to ``dsn``.  ``relay
 takes ``mx_host``/``mx_ip`` from the host named in the reason.  ``message_key`` is
 ``log_host/instance/queue_id#generation``, the generation counting qmgr ``removed`` lines
 of that queue id before the line.  Expiry rows (agent ``qmgr``) have a null ``attempt``:
-they are not tries.  Rows come in line order (files in rotation order).
+they are not tries.  Rows come in line order (files in rotation order), expiry rows last.
 
 Lines are parsed in batches of :data:`BATCH_LINES` by the streaming engine into a scratch
 Parquet file, so memory does not grow with the input while parsing.
@@ -420,14 +420,18 @@ def _egress_ip_from_instance() -> pl.Expr:
 
 def _attempts(att: pl.DataFrame, rec: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
     """``att``: attempt lines; ``rec``: context lines (qmgr from=, cleanup message-id, qmgr expired)."""
+    # Context reduced now to one row per message that has attempts, so the raw context lines
+    # are not held until the caller collects.
+    rec = rec.join(att.select("message_key").unique(), on="message_key", how="semi")
+    ctx = rec.filter(pl.col("kind") == "qmgr_from").group_by("message_key").agg(pl.col("sender").first(), pl.col("size").first()).lazy()
+    mid = rec.filter(pl.col("kind") == "message_id").group_by("message_key").agg(pl.col("message_id").first()).lazy()
+    exp = rec.filter(pl.col("kind") == "expired").select("message_key", "ts", "fidx", "line_no", "seq", pl.col("sender").alias("exp_sender")).lazy()
+    del rec
     # Lazy from here: the caller's collect plans the joins and window once, without copies of every step.
-    att, rec = att.lazy(), rec.lazy()
-    ctx = rec.filter(pl.col("kind") == "qmgr_from").group_by("message_key").agg(pl.col("sender").first(), pl.col("size").first())
-    mid = rec.filter(pl.col("kind") == "message_id").group_by("message_key").agg(pl.col("message_id").first())
+    att = att.lazy()
     att = att.with_columns(pl.col("host").alias("log_host"), pl.col("daemon").alias("agent"))
-    att = att.join(ctx, on="message_key", how="left").join(mid, on="message_key", how="left")
+    att = att.join(ctx, on="message_key", how="left", maintain_order="left").join(mid, on="message_key", how="left", maintain_order="left")
     # Expiry is message-level: the recipients whose last try was a deferral expire with it.
-    exp = rec.filter(pl.col("kind") == "expired").select("message_key", "ts", "fidx", "line_no", "seq", pl.col("sender").alias("exp_sender"))
     pending = (
         att.join(exp.select("message_key"), on="message_key", how="semi")
         .sort("ts", "seq")
@@ -453,14 +457,14 @@ def _attempts(att: pl.DataFrame, rec: pl.DataFrame, file_names: pl.DataFrame) ->
         (pl.col("seq").cum_count().over(["message_key", "recipient"], order_by=["ts", "seq"])).cast(pl.Int32).alias("attempt")
     )
     out = pl.concat([att, expired.with_columns(pl.lit(None, pl.Int32).alias("attempt"))], how="diagonal_relaxed")
-    # rows in line order (files in rotation order; an expiry row at its qmgr line)
-    out = out.join(file_names.lazy(), on="fidx", how="left").sort("seq").with_columns(pl.lit(FORMAT).alias("source"))
+    # rows in line order (files in rotation order), expiry rows last; no sort, which would copy every column
+    out = out.join(file_names.lazy(), on="fidx", how="left", maintain_order="left").with_columns(pl.lit(FORMAT).alias("source"))
     return schema.conform(out, schema.ATTEMPT_COLUMNS)
 
 
 def _connections(con: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
     con = con.with_columns(pl.lit(FORMAT).alias("source"), pl.col("host").alias("log_host"))
-    con = con.lazy().join(file_names.lazy(), on="fidx", how="left").sort("seq")
+    con = con.lazy().join(file_names.lazy(), on="fidx", how="left", maintain_order="left")
     return schema.conform(con, schema.CONNECTION_COLUMNS)
 
 
