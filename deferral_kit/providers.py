@@ -186,6 +186,13 @@ def with_provider(attempts: pl.LazyFrame, *, rules=None) -> pl.LazyFrame:
     from_reply = _chain(reply_pairs, pl.lit(None, dtype=pl.String))
     dom = normalise_host(pl.col("_k_domain"))
     from_domain = _chain([(dom.is_in(list(p.domains)), p.id) for p in table.providers if p.domains], pl.lit(None, dtype=pl.String))
+    # A reply marker often names only the family ("...prod.outlook.com" is Microsoft, consumer or
+    # 365 alike); when the recipient domain names a provider of that same family, the domain is the
+    # more specific answer, so outlook.com rows do not split into "microsoft" and "microsoft_consumer".
+    family = {p.id: p.family for p in table.providers}
+    same_family = from_reply.replace_strict(family, default=None, return_dtype=pl.String) == from_domain.replace_strict(
+        family, default=None, return_dtype=pl.String)
+    no_host_provider = pl.when(same_family.fill_null(False)).then(from_domain).otherwise(pl.coalesce(from_reply, from_domain))
     host = normalise_host(pl.col("_k_host"))
     has_host = host.is_not_null() & (host != "")
     lookup = (
@@ -193,7 +200,7 @@ def with_provider(attempts: pl.LazyFrame, *, rules=None) -> pl.LazyFrame:
         .with_columns(
             pl.when(pl.col("_k_local_ip")).then(pl.lit(LOCAL))
             .when(has_host).then(provider_of(pl.col("_k_host"), rules=table))
-            .otherwise(pl.coalesce(from_reply, from_domain, pl.lit(UNKNOWN))).alias("provider"),
+            .otherwise(pl.coalesce(no_host_provider, pl.lit(UNKNOWN))).alias("provider"),
             pl.when(has_host | pl.col("_k_local_ip")).then(pl.lit("mx"))
             .when(from_reply.is_not_null()).then(pl.lit("reply"))
             .when(from_domain.is_not_null()).then(pl.lit("domain"))

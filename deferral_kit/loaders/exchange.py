@@ -293,5 +293,5 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     dups = rows.filter(pl.col("category") == "duplicate").select("file", "line_no")
     if dups.height:
         attempts = attempts.join(dups, on=["file", "line_no"], how="anti", maintain_order="left")
-    attempts = number_attempts(attempts.lazy()).collect().lazy()
+    attempts = number_attempts(attempts.lazy(), sort=False).collect().lazy()
     return Load(attempts=attempts, connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

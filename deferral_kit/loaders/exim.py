@@ -238,7 +238,10 @@ def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.D
         colon=pl.when(pl.col("_tok").str.ends_with(":")).then(pl.lit(":")).otherwise(pl.lit("")),
         tail=pl.col("_r1").str.slice(pl.col("extra").str.len_chars()).str.strip_prefix(" "),
     ).drop("_tok", "_after", "_r1")
-    tail = pl.col("tail")
+    # Delivery fields are read on delivery lines only (arrivals and the rest stay null: the
+    # regexes then skip them), which halves the work on a typical log.
+    rec = rec.with_columns(_dtail=pl.when(pl.col("flag").is_in(["=>", "->", ">>", "==", "**"])).then(pl.col("tail")))
+    tail = pl.col("_dtail")
     # "defer (N)[: strerror][ H=host [ip][:port][*]][ DT=..]: message" (deliver.c order).
     defer = tail.str.extract_groups(
         r"(?:^| )defer \((?P<errno>-?\d+)\)(?:: (?P<strerr>[^:]*))?(?: H=(?P<dh>[^\s\[]\S*) \[(?P<dip>[^\]]+)\](?::\d+)?\*?)?"
@@ -255,7 +258,7 @@ def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.D
         egress_ip=tail.str.extract(r"(?:^| )I=\[([^\]]+)\]", 1),
         conf=tail.str.extract(r'(?:^| )C="((?:[^"\\]|\\.)*)"', 1),
         qt=tail.str.extract(r"(?:^| )QT=(\S+)", 1),
-        dsize=tail.str.extract(r"(?:^| )S=(\d+)", 1).cast(pl.Int64, strict=False),
+        dsize=pl.col("tail").str.extract(r"(?:^| )S=(\d+)", 1).cast(pl.Int64, strict=False),
         fsender=tail.str.extract(r"(?:^| )F=<([^>]*)>", 1),
         errno=defer.struct.field("errno").cast(pl.Int32, strict=False),
         msg=pl.when(pl.col("flag") == "==").then(pl.coalesce(defer.struct.field("msg"), defer.struct.field("strerr"))).when(pl.col("flag") == "**").then(pl.coalesce(fail_msg, tail)),

@@ -83,16 +83,61 @@ def squash_spaces(text: pl.Expr) -> pl.Expr:
     return text.str.replace_all(r"[^\S ]\s*|\s{2,}", " ").str.strip_chars()
 
 
-def number_attempts(frame: pl.LazyFrame) -> pl.LazyFrame:
+def number_attempts(frame: pl.LazyFrame, *, sort: bool = True) -> pl.LazyFrame:
     """Fill ``attempt`` where null: 1 for the first row of a (message_key, recipient) in time
-    order (file/line order breaking ties), counting up.  Rows are returned in time order."""
+    order (file/line order breaking ties), counting up.  Rows are returned in time order, or
+    in their own order with ``sort=False`` (no copy of the frame: for large loads)."""
     keys = ["message_key", "recipient"]
     have = frame.collect_schema()
-    frame = frame.sort("ts", "file", "line_no", nulls_last=True)
-    derived = (pl.int_range(pl.len()).over(keys) + 1).cast(pl.Int32)
+    by = ["ts", "file", "line_no"]
+    if sort:
+        frame = frame.sort(*by, nulls_last=True)
+        derived = (pl.int_range(pl.len()).over(keys) + 1).cast(pl.Int32)
+    else:
+        # The inverse of the time-order permutation is each row's global time rank.
+        order = pl.arg_sort_by(by, nulls_last=True).arg_sort()
+        derived = order.rank("ordinal").over(keys).cast(pl.Int32)
     if "attempt" in have:
         return frame.with_columns(pl.col("attempt").cast(pl.Int32, strict=False).fill_null(derived))
     return frame.with_columns(derived.alias("attempt"))
+
+
+def byte_blocks(sf: SourceFile, *, batch_bytes: int = 16 << 20) -> Iterator[tuple[int, bytes]]:
+    """``(first line number, bytes)`` blocks of about ``batch_bytes`` of one file, each cut
+    after its last line break."""
+    if sf.readable.stat().st_size == 0:
+        return
+    line_no = 1
+    rest = b""
+    with open(sf.readable, "rb") as fh:
+        while True:
+            block = fh.read(batch_bytes)
+            data = rest + block
+            if block:
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    rest = data
+                    continue
+                data, rest = data[: cut + 1], data[cut + 1 :]
+            if not data:
+                break
+            yield line_no, data
+            line_no += data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+            if not block:
+                break
+
+
+def block_lines(sf: SourceFile, line_no: int, data: bytes) -> pl.DataFrame:
+    """One block from :func:`byte_blocks` as ``file, line_no, line`` (as :func:`scan_lines` reads it)."""
+    df = pl.read_csv(
+        data, has_header=False, separator="\x00", quote_char=None, encoding="utf8-lossy", new_columns=["line"],
+        schema={"line": pl.String}, truncate_ragged_lines=True, empty_string_is_null=False, extra_columns="ignore",
+    )
+    return df.select(
+        pl.lit(sf.name).alias("file"),
+        (pl.int_range(pl.len(), dtype=pl.Int64) + line_no).alias("line_no"),
+        pl.col("line").fill_null("").str.strip_suffix("\r"),
+    )
 
 
 def line_batches(files: list[SourceFile], *, batch_bytes: int = 16 << 20) -> Iterator[pl.DataFrame]:
@@ -101,35 +146,8 @@ def line_batches(files: list[SourceFile], *, batch_bytes: int = 16 << 20) -> Ite
     removed, empty lines kept).  Memory stays bounded by the batch size, which polars'
     ``collect_batches`` does not guarantee (its reader runs ahead)."""
     for sf in files:
-        if sf.readable.stat().st_size == 0:
-            continue
-        line_no = 1
-        rest = b""
-        with open(sf.readable, "rb") as fh:
-            # A loop over byte blocks of the file, each cut after its last line break.
-            while True:
-                block = fh.read(batch_bytes)
-                data = rest + block
-                if block:
-                    cut = data.rfind(b"\n")
-                    if cut < 0:
-                        rest = data
-                        continue
-                    data, rest = data[: cut + 1], data[cut + 1 :]
-                if not data:
-                    break
-                df = pl.read_csv(
-                    data, has_header=False, separator="\x00", quote_char=None, encoding="utf8-lossy", new_columns=["line"],
-                    schema={"line": pl.String}, truncate_ragged_lines=True, empty_string_is_null=False, extra_columns="ignore",
-                )
-                yield df.select(
-                    pl.lit(sf.name).alias("file"),
-                    (pl.int_range(pl.len(), dtype=pl.Int64) + line_no).alias("line_no"),
-                    pl.col("line").fill_null("").str.strip_suffix("\r"),
-                )
-                line_no += df.height
-                if not block:
-                    break
+        for line_no, data in byte_blocks(sf, batch_bytes=batch_bytes):
+            yield block_lines(sf, line_no, data)
 
 
 def account(classified: pl.LazyFrame, *, files: list[SourceFile], fmt: str, problems: list[str]) -> Accounting:
@@ -346,4 +364,4 @@ def load_mapping(path: str) -> dict:
     return data
 
 
-__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches")
+__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches", "byte_blocks", "block_lines")

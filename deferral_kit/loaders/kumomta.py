@@ -28,7 +28,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, scan_lines
 from . import Load, LoadOptions
-from .generic import account, domain_of, line_batches, number_attempts, squash_spaces
+from .generic import account, block_lines, byte_blocks, domain_of, number_attempts, squash_spaces
 
 FORMAT = "kumomta"
 
@@ -121,6 +121,30 @@ def _lines(files: list[SourceFile]) -> pl.LazyFrame:
     line_files = [sf for sf in files if not _is_document(sf)]
     doc_frames = [_document_lines(sf) for sf in files if sf not in line_files]
     return pl.concat([scan_lines(line_files), *doc_frames], how="vertical") if doc_frames else scan_lines(line_files)
+
+
+_FLAT = pl.Struct({f.name: (pl.String if f.name == "recipient" else f.dtype) for f in _RECORD.fields})
+
+
+def _decode_flat(batch: pl.DataFrame, data: bytes) -> pl.DataFrame | None:
+    """The fast path for a block of plain JSON lines (one object per line, no blank line, no
+    recipient array, as KumoMTA writes its log): the NDJSON reader on the block's bytes, about
+    twice as fast as decoding the strings.  None when the block does not qualify or the
+    reader disagrees (any bad line): the careful path then reads it."""
+    line = pl.col("line").str.strip_chars()
+    plain = batch.select((line.str.starts_with("{") & ~pl.col("line").str.contains(r'"recipient"\s*:\s*\[')).all()).item()
+    if not plain:
+        return None
+    try:
+        recs = pl.read_ndjson(data, schema=dict(_FLAT))
+    except pl.exceptions.PolarsError:
+        return None
+    if recs.height != batch.height:
+        return None
+    rec = pl.struct(pl.all()).struct.with_fields(pl.concat_list(pl.field("recipient")).alias("recipient"))
+    return pl.concat([batch, recs.select(rec.alias("rec"))], how="horizontal").select(
+        "file", "line_no", pl.lit(0, dtype=pl.Int64).alias("rec_no"), pl.lit(True).alias("valid"), "line", "rec"
+    )
 
 
 def _decode(batch: pl.DataFrame) -> pl.DataFrame:
@@ -252,9 +276,14 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     slim, tried = [], []
     docs = {sf.name for sf in files if _is_document(sf)}
     # File order is kept: a document is one batch of one line.
-    batches = (b for sf in files for b in ([_document_lines(sf).collect()] if sf.name in docs else line_batches([sf], batch_bytes=_BATCH_BYTES)))
-    for batch in batches:
-        recs = _decode(batch).with_columns(
+    blocks = (
+        blk for sf in files
+        for blk in ([(_document_lines(sf).collect(), None)] if sf.name in docs
+                    else ((block_lines(sf, n, data), data) for n, data in byte_blocks(sf, batch_bytes=_BATCH_BYTES)))
+    )
+    for batch, data in blocks:
+        decoded = _decode_flat(batch, data) if data is not None else None
+        recs = (decoded if decoded is not None else _decode(batch)).with_columns(
             pl.col("rec").struct.field("type").alias("_type"),
             (pl.col("line").str.strip_chars() == "").alias("_blank"),
             # Identity of the line for the duplicate check: two independent 64-bit hashes.
@@ -304,5 +333,5 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     dups = recs.filter(~pl.col("_first")).select("file", "line_no", "rec_no")
     if dups.height:
         attempts = attempts.join(dups, on=["file", "line_no", "rec_no"], how="anti", maintain_order="left")
-    attempts = number_attempts(attempts.lazy().drop("rec_no")).collect().lazy()
+    attempts = number_attempts(attempts.lazy().drop("rec_no"), sort=False).collect().lazy()
     return Load(attempts=attempts, connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

@@ -8,8 +8,9 @@ Mapping (formats.md §6.3), one row per recipient:
   ``diagnosticCode`` ("smtp; 421 4.4.1 …") is the response, ``status`` the dsn, the
   ``reportingMTA`` SES's own MTA (``log_host``).  ``delayType`` InternalFailure,
   SendingDeferral and BYOIPHostNameLookupUnavailable are SES-side (smtp_codes.md §6): agent
-  ``internal``, remote false, not tries against an MX.  TransientCommunicationFailure means
-  SES could not talk to the receiver: agent smtp, remote false.
+  ``internal``, remote false, not tries against an MX.  TransientCommunicationFailure is a
+  try (agent smtp); remote false unless the diagnostic carries a receiver reply that is not a
+  network failure (e.g. "452 4.3.1 Insufficient system resources", not "421 4.4.1 Unable to connect").
 * ``Delivery`` -> delivered, one row per ``delivery.recipients[]``: ``smtpResponse``,
   ``remoteMtaIp`` (mx_ip), ``processingTimeMillis`` (delay_s).
 * ``Bounce`` -> bounced, one row per ``bounce.bouncedRecipients[]``.  Transient bounces are
@@ -159,7 +160,12 @@ def _rows(att: pl.LazyFrame) -> pl.LazyFrame:
         _esp.reply_code(pl.col("response")).alias("smtp_code"),
         pl.coalesce(_esp.reply_enhanced(pl.col("response")), pl.col("dsn")).alias("enhanced_code"),
     ).with_columns(
-        pl.when(pl.col("_internal") | pl.col("_no_contact")).then(False)
+        pl.when(pl.col("_internal")).then(False)
+        # SES files both "421 4.4.1 Unable to connect" (its own words, no contact) and real replies
+        # from the receiver under TransientCommunicationFailure; only network-subject codes (4.4.x)
+        # or no code at all mean nobody answered.
+        .when(pl.col("_no_contact") & ~_esp.reply_enhanced(pl.col("response")).fill_null("4.4.").str.starts_with("4.4.")).then(True)
+        .when(pl.col("_no_contact")).then(False)
         .when((pl.col("outcome") == "delivered") | pl.col("smtp_code").is_not_null()).then(True)
         .alias("remote"),
     ).drop("_rcpt", "_internal", "_no_contact", "_delivery_reply")
