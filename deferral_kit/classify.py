@@ -24,12 +24,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 
 import polars as pl
-import yaml
 
+from .config import read_user, shipped
 from .metrics import DEFAULT_BANDS, PER, is_mx_attempt, response_is
 from .providers import PROVIDER_COLUMNS, normalise_host, with_provider
 
@@ -139,8 +138,7 @@ def _parse_rules(doc, origin: str) -> RuleSet:
 
 def default_rules() -> RuleSet:
     """The shipped rules (``deferral_kit/data/response_rules.yaml``)."""
-    text = (resources.files("deferral_kit") / "data" / "response_rules.yaml").read_text(encoding="utf-8")
-    return _parse_rules(yaml.safe_load(text), "deferral_kit/data/response_rules.yaml")
+    return _parse_rules(*shipped("response_rules.yaml"))
 
 
 def load_rules(path: str | Path | None = None, *, extend: bool = True) -> RuleSet:
@@ -148,12 +146,7 @@ def load_rules(path: str | Path | None = None, *, extend: bool = True) -> RuleSe
     replace shipped rules with the same id."""
     if path is None:
         return default_rules()
-    p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{p}: cannot read response rules: {exc}") from exc
-    user = _parse_rules(doc or {}, str(p))
+    user = _parse_rules(read_user(path, "response rules"), str(path))
     return user + default_rules() if extend else user
 
 
@@ -263,12 +256,7 @@ def load_own_infrastructure(path) -> OwnInfrastructure:
         items = [str(x) for x in path]
         return OwnInfrastructure.from_mapping({"hosts": [x for x in items if not _is_network(x)],
                                                "networks": [x for x in items if _is_network(x)]})
-    p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{p}: cannot read own-infrastructure list: {exc}") from exc
-    return OwnInfrastructure.from_mapping(doc or {}, str(p))
+    return OwnInfrastructure.from_mapping(read_user(path, "own-infrastructure list"), str(path))
 
 
 # --- classification ----------------------------------------------------------------------------

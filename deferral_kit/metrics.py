@@ -17,12 +17,11 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import polars as pl
-import yaml
 
+from .config import read_user, shipped
 from .providers import PROVIDER_COLUMNS, is_local_hop, with_provider
 from .schema import REMOTE_AGENTS
 
@@ -157,8 +156,7 @@ class Bands:
 
 
 def _shipped_bands() -> Bands:
-    text = (resources.files("deferral_kit") / "data" / "bands.yaml").read_text(encoding="utf-8")
-    return Bands.from_mapping(yaml.safe_load(text), "deferral_kit/data/bands.yaml")
+    return Bands.from_mapping(*shipped("bands.yaml"))
 
 
 DEFAULT_BANDS = _shipped_bands()
@@ -168,14 +166,7 @@ def load_bands(path: str | Path | None = None) -> Bands:
     """Bands from a YAML file shaped like ``deferral_kit/data/bands.yaml`` (None: the defaults)."""
     if path is None:
         return DEFAULT_BANDS
-    p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        from .sources import InputError
-
-        raise InputError(f"{p}: cannot read bands: {exc}") from exc
-    return Bands.from_mapping(doc or {}, str(p))
+    return Bands.from_mapping(read_user(path, "bands"), str(path))
 
 
 def band_expr(rate_proportion_expr: pl.Expr, bands: Bands | None = None) -> pl.Expr:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import polars as pl
-import yaml
+
+from .config import read_user, shipped
 
 UNKNOWN = "unknown"  # no MX host and nothing else to go on
 OTHER = "other"  # an MX host that is not in the table
@@ -76,8 +76,7 @@ def _parse(doc: Mapping | Sequence, origin: str) -> ProviderRules:
 
 def default_rules() -> ProviderRules:
     """The shipped provider table (``deferral_kit/data/providers.yaml``)."""
-    text = (resources.files("deferral_kit") / "data" / "providers.yaml").read_text(encoding="utf-8")
-    return _parse(yaml.safe_load(text), "deferral_kit/data/providers.yaml")
+    return _parse(*shipped("providers.yaml"))
 
 
 def load_provider_rules(path: str | Path | None = None, *, extend: bool = True) -> ProviderRules:
@@ -88,12 +87,7 @@ def load_provider_rules(path: str | Path | None = None, *, extend: bool = True) 
     """
     if path is None:
         return default_rules()
-    p = Path(path)
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{p}: cannot read provider rules: {exc}") from exc
-    user = _parse(doc or {}, str(p))
+    user = _parse(read_user(path, "provider rules"), str(path))
     return user + default_rules() if extend else user
 
 
