@@ -150,3 +150,16 @@ def test_m365_sniff():
     assert m365_trace.sniff('"Received","SenderAddress","RecipientAddress","Subject","Status"\n')
     assert m365_trace.sniff("origin_timestamp,sender_address,Recipient_status,message_subject\n")
     assert not m365_trace.sniff('{"event":"deferred","email":"a@b"}')
+
+
+def test_exchange_same_file_twice_counts_once(tmp_path):
+    copy = tmp_path / "MSGTRK2026110209-2.LOG"
+    copy.write_bytes((FIX / "MSGTRK2026110209-1.LOG").read_bytes())
+    once = load(FIX / "MSGTRK2026110209-1.LOG")
+    twice = load([FIX / "MSGTRK2026110209-1.LOG", copy])
+    acc = twice.accounting
+    # every complete row of the copy; its truncated row stays malformed, its header lines context
+    assert acc.count("duplicate", "identical row already read") == 8
+    assert (acc.count("attempt"), acc.count("malformed"), acc.count("context", "#header")) == (7, 2, 10)
+    # (which of the two copies is "earlier" is the rotation order of the paths: only the file differs)
+    assert twice.attempts.collect().drop("file").sort("line_no", "recipient").equals(once.attempts.collect().drop("file").sort("line_no", "recipient"))

@@ -77,3 +77,27 @@ def test_cli_parse_with_mapping(tmp_path, capsys):
     df = pl.read_parquet(out)
     assert df.height == 3 and df["outcome"].to_list() == ["deferred", "delivered", "bounced"]
     assert "attempts: 3" in capsys.readouterr().out
+
+
+def test_line_batches_read_lines_like_scan_lines(tmp_path):
+    from polars.testing import assert_frame_equal
+
+    from deferral_kit.loaders.generic import line_batches
+    from deferral_kit.sources import scan_lines
+
+    f = tmp_path / "mixed.log"
+    f.write_bytes(b"first\r\n\nnul\x00after\n\xff bad utf-8\n  \nlast without newline")
+    files = discover([f])
+    want = scan_lines(files).collect()
+    assert want["line"].to_list() == ["first", "", "nul", "\ufffd bad utf-8", "  ", "last without newline"]
+    for size in (3, 10, 1 << 20):  # blocks cut inside lines, and one block
+        assert_frame_equal(pl.concat(list(line_batches(files, batch_bytes=size))), want)
+
+
+def test_squash_spaces_matches_the_plain_regex():
+    from deferral_kit.loaders.generic import squash_spaces
+
+    texts = ["452 4.3.1  Insufficient\tsystem\r\n resources ", " a", "a b", "a\u00a0 b", "", None]
+    got = pl.DataFrame({"t": texts}).select(squash_spaces(pl.col("t")))["t"].to_list()
+    assert got == ["452 4.3.1 Insufficient system resources", "a", "a b", "a b", "", None]
+    assert got == pl.DataFrame({"t": texts}).select(pl.col("t").str.replace_all(r"\s+", " ").str.strip_chars())["t"].to_list()

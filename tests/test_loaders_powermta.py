@@ -185,3 +185,34 @@ def test_same_file_twice_counts_once(tmp_path):
     res = load([copy, FIX / "acct-headerless-default.csv"], format="powermta")
     assert res.attempts.collect().height == 2
     assert res.accounting.count("duplicate", "identical record in an earlier file") == 2
+
+
+_HEADER = "type,timeLogged,timeQueued,orig,rcpt,orcpt,dsnAction,dsnStatus,dsnDiag,dsnMta,bounceCat,vmta,vmtaPool\n"
+_ROWS = (
+    't,2026-11-17 10:00:02+0000,2026-11-17 10:00:00+0000,news@sender.example,ann@contoso.com,,delayed,4.3.1 (x),'
+    '"smtp;452 4.3.1 Insufficient system resources, try later",contoso-com.mail.protection.outlook.com (52.101.68.12),,vmta-ms1,pool-ms\n'
+    # last field empty: a complete row, not a short one
+    'd,2026-11-17 10:30:00+0000,2026-11-17 10:00:00+0000,news@sender.example,ann@contoso.com,,relayed,2.0.0 (success),'
+    'smtp;250 2.0.0 OK,contoso-com.mail.protection.outlook.com (52.101.68.14),,vmta-ms1,\n'
+    # cut short after dsnStatus
+    "t,2026-11-17 10:31:00+0000,2026-11-17 10:00:00+0000,news@sender.example,bob@contoso.com,,delayed,4.3.1 (x)\n"
+)
+
+
+@pytest.mark.parametrize("extra", ["", 'r,2026-11-17 10:32:00+0000,,a@b,"odd ""quote,,,,,,,,,,,\n'])
+def test_csv_fast_path_and_careful_path_agree(tmp_path, extra):
+    # Without the extra line the file is read by the CSV parser; the odd-quoted line sends the
+    # whole file through the field splitter.  The records read the same either way.
+    f = tmp_path / "acct.csv"
+    f.write_text(_HEADER + _ROWS + extra)
+    res = load(f, format="powermta")
+    att = res.attempts.collect()
+    acc = res.accounting
+    assert acc.count("attempt") == 2 and acc.count("context", "header line") == 1
+    assert acc.count("malformed", "truncated row (fewer fields than the header)") == 1
+    assert acc.examples.filter(pl.col("reason").str.starts_with("truncated"))["line_no"].to_list() == [4]
+    assert acc.count("malformed", "unclosed quote (record cut short)") == (1 if extra else 0)
+    assert att["outcome"].to_list() == ["deferred", "delivered"]
+    assert att["response"][0] == "452 4.3.1 Insufficient system resources, try later"
+    assert att["egress_pool"].to_list() == ["pool-ms", "vmta-ms1"]  # empty vmtaPool → the vmta
+    assert att["attempt"].to_list() == [1, 2] and att["line_no"].to_list() == [2, 3]

@@ -30,7 +30,6 @@ import re
 import polars as pl
 
 from .. import schema
-from ..accounting import Accounting
 from ..sources import InputError, SourceFile, head
 from . import Load, LoadOptions
 from .generic import REPLY_REGEX, account, squash_spaces, domain_of, normalize_host, number_attempts

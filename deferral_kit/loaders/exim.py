@@ -33,7 +33,6 @@ import re
 import polars as pl
 
 from .. import schema
-from ..accounting import Accounting
 from ..sources import SourceFile, scan_lines
 from .generic import account, squash_spaces
 
@@ -249,7 +248,7 @@ def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.D
     )
     # "** addr [<orig>] [F=<s>] [R=r] [T=t] [H=h [ip]] [PS=..] : message"; "** addr: message".
     fail_msg = pl.when(pl.col("colon") == ":").then(tail).otherwise(
-        (" " + tail).str.extract(r"^(?:\s+[A-Z]{1,3}=(?:<[^>]*>|\S+)(?: \[[^\]]*\](?::\d+)?\*?)?)*\s*:\s?(.*)$", 1)
+        (" " + pl.when(pl.col("flag") == "**").then(tail)).str.extract(r"^(?:\s+[A-Z]{1,3}=(?:<[^>]*>|\S+)(?: \[[^\]]*\](?::\d+)?\*?)?)*\s*:\s?(.*)$", 1)
     )
     rec = rec.with_columns(
         router=tail.str.extract(r"(?:^| )R=(\S+)", 1),
@@ -272,26 +271,33 @@ def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.D
         smtp_stage=smtp_stage(se.struct.field("cmd")),
         reply=pl.coalesce(se.struct.field("reply"), pl.when(pl.col("flag").is_in(["=>", "->", ">>"])).then(pl.col("conf"))),
     )
-    reply = join_reply_lines(pl.col("reply"))
+    rec = rec.with_columns(_reply_j=join_reply_lines(pl.col("reply")))
+    reply = pl.col("_reply_j")
     rec = rec.with_columns(
-        response=pl.coalesce(reply, join_reply_lines(msg)),
+        response=pl.coalesce(reply, join_reply_lines(pl.when(pl.col("reply").is_null()).then(msg))),
         smtp_code=reply.str.extract(r"^(\d{3})\b", 1).cast(pl.Int16, strict=False),
         enhanced_code=reply.str.extract(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b", 1),
     )
     # --- per-line category and reason ------------------------------------------------------
     flag = pl.col("flag")
+    # The pattern checks below decide only lines with an id but no flag (and not Completed),
+    # or lines without an id: other lines are nulled first so the regexes skip them.
+    rec = rec.with_columns(
+        _rest_nf=pl.when(flag.is_null() & ~pl.col("rest").str.starts_with("Completed")).then(pl.col("rest")),
+        _body_nq=pl.when(pl.col("queue_id").is_null()).then(pl.col("body")),
+    )
     retry_not_reached = msg.str.contains(r"(?i)retry time not (?:yet )?reached") & ~msg.str.contains(r"(?i)failing for a long time")
-    per_host_err = pl.col("rest").str.contains(
+    per_host_err = pl.col("_rest_nf").str.contains(
         r"^(?:H=)?(?:[^\s\[]\S* \[[^\]]+\](?::\d+)?\*?:? )?(?:SMTP|LMTP|PRDR) error (?:from remote mail server )?after "
     )
     # "host [ip] Connection timed out" (older) / "H=host [ip] ..." (newer): the host tried,
     # not an inbound client (those lines say rejected/dropped/closed by ACL).
     per_host_conn = (
-        pl.col("rest").str.contains(r"^(?:H=)?[^\s\[=]+ \[[0-9A-Fa-f.:]+\](?::\d+)?\*?:? \S")
-        & pl.col("rest").str.contains(_CONNECT_TROUBLE)
-        & ~pl.col("rest").str.contains(r"(?i)\brejected\b|\bdropped\b|closed by|\bF=|\bP=")
+        pl.col("_rest_nf").str.contains(r"^(?:H=)?[^\s\[=]+ \[[0-9A-Fa-f.:]+\](?::\d+)?\*?:? \S")
+        & pl.col("_rest_nf").str.contains(_CONNECT_TROUBLE)
+        & ~pl.col("_rest_nf").str.contains(r"(?i)\brejected\b|\bdropped\b|closed by|\bF=|\bP=")
     )
-    rest = pl.col("rest")
+    rest = pl.col("_rest_nf")
     category_reason = (
         pl.when(pl.col("is_cont") & (pl.col("has_ts") | pl.col("_prev_start").is_not_null()))
         .then(pl.struct(c=pl.lit("context"), r=pl.lit("continuation line joined to its record")))
@@ -299,14 +305,14 @@ def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.D
         .then(pl.struct(c=pl.lit("malformed"), r=pl.lit("not an Exim log line (no timestamp)")))
         .when(pl.col("queue_id").is_null())
         .then(
-            pl.when(body.str.starts_with("cwd="))
+            pl.when(pl.col("_body_nq").str.starts_with("cwd="))
             .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("cwd/args line (log_selector +arguments)")))
-            .when(body.str.contains(r"daemon (?:started|stopped)|^exim \d|^pid \d+: SIGHUP|^Start queue run|^End queue run"))
+            .when(pl.col("_body_nq").str.contains(r"daemon (?:started|stopped)|^exim \d|^pid \d+: SIGHUP|^Start queue run|^End queue run"))
             .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("daemon or queue-runner line")))
             .otherwise(pl.struct(c=pl.lit("skipped"), r=pl.lit("no message id (inbound SMTP session, reject or notice)")))
         )
         .when(flag == "<=").then(pl.struct(c=pl.lit("context"), r=pl.lit("arrival (<=)")))
-        .when(rest.str.starts_with("Completed")).then(pl.struct(c=pl.lit("context"), r=pl.lit("message completed")))
+        .when(pl.col("rest").str.starts_with("Completed")).then(pl.struct(c=pl.lit("context"), r=pl.lit("message completed")))
         .when(flag == "*>").then(pl.struct(c=pl.lit("skipped"), r=pl.lit("delivery suppressed by -N (*>)")))
         .when(flag == "(=").then(pl.struct(c=pl.lit("skipped"), r=pl.lit("fakereject (=")))
         .when((flag == "==") & retry_not_reached)
@@ -330,12 +336,25 @@ def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.D
     return rec.select(
         (pl.col("seq").cast(pl.Int64) + offset).alias("seq"),
         "file", "line_no", "has_ts", "ts", "log_host", "queue_id", "flag", "rcpt", "extra", "transport",
-        "egress_ip", "conf", "qt", "dsize", "fsender", "errno", "msg", "mx_host", "mx_ip", "proto", "smtp_stage",
-        "response", "smtp_code", "enhanced_code", "category", "reason", *ident,
-        message_id=pl.when(pl.col("flag") == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1)),
-        rest=pl.when(pl.col("category") == "connection").then(pl.col("rest")),
-        text=pl.when(pl.col("category").is_in(["skipped", "malformed"])).then(pl.col("line")),
+        "egress_ip", "qt", "dsize", "fsender", "errno", "mx_host", "mx_ip", "proto", "smtp_stage",
+        "response", "smtp_code", "enhanced_code", *ident,
+        # Memory: what the later steps ask of the message and C= as flags, category and reason
+        # as categoricals, and the sparse text columns copied (a column filtered by when/then
+        # still holds the buffer of every line it came from).
+        has_conf=pl.col("conf").is_not_null(),
+        give_up=pl.col("msg").str.contains(r"(?i)retry timeout exceeded|failing for a long time"),
+        msg_trouble=pl.col("msg").str.contains(_CONNECT_TROUBLE).fill_null(False),
+        category=pl.col("category").cast(pl.Categorical),
+        reason=pl.col("reason").cast(pl.Categorical),
+        message_id=_compact(pl.when(pl.col("flag") == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1))),
+        rest=_compact(pl.when(pl.col("category") == "connection").then(pl.col("rest"))),
+        text=_compact(pl.when(pl.col("category").is_in(["skipped", "malformed"])).then(pl.col("line"))),
     ).collect()
+
+
+def _compact(text: pl.Expr) -> pl.Expr:
+    """The strings copied into a buffer of their own."""
+    return pl.concat_str([text, pl.lit("")])
 
 
 def load(files: list[SourceFile], options) -> "Load":
@@ -367,7 +386,6 @@ def load(files: list[SourceFile], options) -> "Load":
         message_key=pl.when(pl.col("_gen") <= 1).then(pl.col("_key_base")).otherwise(pl.col("_key_base") + "." + pl.col("_gen").cast(pl.String))
     ).drop("_key_base", "_gen", "has_ts", "fidx", "_h1", "_h2", strict=False).collect().lazy()
     flag = pl.col("flag")
-    msg = pl.col("msg")
     arrivals = (
         rec.filter((pl.col("category") == "context") & (pl.col("flag") == "<="))
         .select(
@@ -384,7 +402,7 @@ def load(files: list[SourceFile], options) -> "Load":
     transport = pl.col("transport").str.to_lowercase()
     has_host = pl.col("mx_host").is_not_null()
     remote_transport = transport.str.contains(r"(?:^|[^b])smtp|remote|lmtp")
-    give_up = msg.str.contains(r"(?i)retry timeout exceeded|failing for a long time")
+    give_up = pl.col("give_up")
     agent = (
         pl.when(has_host & ((pl.col("proto") == "LMTP") | transport.str.contains("lmtp").fill_null(False))).then(pl.lit("lmtp"))
         .when(has_host).then(pl.lit("smtp"))
@@ -392,7 +410,7 @@ def load(files: list[SourceFile], options) -> "Load":
         .when(flag.is_in(["=>", "->", ">>"])).then(pl.lit("local"))
         .when(pl.col("transport").is_null()).then(pl.when(flag.is_in(["=>", "->"])).then(pl.lit("local")).otherwise(pl.lit("router")))
         .when(transport.str.contains(r"\*\*bypassed\*\*")).then(pl.lit("local"))
-        .when(remote_transport & ((pl.col("errno") > 0) | msg.str.contains(_CONNECT_TROUBLE).fill_null(False))).then(pl.lit("smtp"))
+        .when(remote_transport & ((pl.col("errno") > 0) | pl.col("msg_trouble"))).then(pl.lit("smtp"))
         .when(remote_transport & transport.str.contains("lmtp")).then(pl.lit("local"))
         .when(remote_transport).then(pl.lit("internal"))
         .otherwise(pl.lit("local"))
@@ -426,7 +444,7 @@ def load(files: list[SourceFile], options) -> "Load":
         # without a reply is the connection itself failing (Exim logs no stage for either).
         smtp_stage=pl.coalesce(
             pl.col("smtp_stage"),
-            pl.when(flag.is_in(["=>", "->", ">>"]) & has_host & pl.col("conf").is_not_null()).then(pl.lit("end of DATA")),
+            pl.when(flag.is_in(["=>", "->", ">>"]) & has_host & pl.col("has_conf")).then(pl.lit("end of DATA")),
             pl.when((pl.col("agent") == "smtp") & (pl.col("errno") > 0) & pl.col("smtp_code").is_null()).then(pl.lit("connect")),
         ),
     )
@@ -459,11 +477,10 @@ def load(files: list[SourceFile], options) -> "Load":
     last_host = (
         connections.filter(pl.col("mx_host").is_not_null() & pl.col("message_key").is_not_null())
         .select("seq", "message_key", c_host="mx_host", c_ip="mx_ip", c_ts="ts")
-        .sort("seq")
     )
     attempts = (
-        attempts.sort("seq")
-        .join_asof(last_host, on="seq", by="message_key", strategy="backward", check_sortedness=False)
+        # rec is in seq order (files in order, lines in order) and filters and left joins keep it.
+        attempts.join_asof(last_host, on="seq", by="message_key", strategy="backward", check_sortedness=False)
         .with_columns(
             _fill=(pl.col("agent") == "smtp") & pl.col("mx_host").is_null() & ~pl.col("remote")
             & ((pl.col("ts") - pl.col("c_ts")).dt.total_seconds().abs() <= 60).fill_null(False)
@@ -474,7 +491,7 @@ def load(files: list[SourceFile], options) -> "Load":
         )
     )
     attempts = schema.conform(attempts, schema.ATTEMPT_COLUMNS)
-    connections = schema.conform(connections.sort("seq"), schema.CONNECTION_COLUMNS)
+    connections = schema.conform(connections, schema.CONNECTION_COLUMNS)
 
     classified = rec.select("file", "line_no", "category", "reason", "text")
     problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]

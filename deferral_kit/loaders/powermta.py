@@ -20,11 +20,15 @@ Record types (the ``type`` column):
 * ``rb``/``rs`` (remote bounce/status arriving later by mail, not an SMTP try), ``f`` (FBL),
   ``r`` (received) → skipped with the reason.
 
-Parsing is done on lines (``scan_lines``) with a vectorized RFC 4180 field splitter rather
-than ``scan_csv``, so a truncated row, a stray non-CSV line or a mid-file header is counted
-with its physical line number instead of aborting or shifting the whole file; quoted fields
-with commas, doubled quotes and embedded line breaks (rejoined) are handled.
-``line_no`` is the physical line where the record starts.
+Each file is read line by line so that every physical line is accounted for.  A file with
+one layout, no blank line and no line with an odd number of quotes (so one record per line)
+gets its fields from the CSV parser, row for row beside its lines; only rows whose last
+field is empty have their fields counted (a short row reads like trailing empty fields).
+Any other file, or one the parser rejects, goes through a vectorized RFC 4180 field splitter,
+so a truncated row, a stray non-CSV line or a mid-file header is counted with its physical
+line number instead of aborting or shifting the whole file; quoted fields with commas,
+doubled quotes and embedded line breaks (rejoined) are handled.  ``line_no`` is the
+physical line where the record starts.
 """
 
 from __future__ import annotations
@@ -229,7 +233,7 @@ def _fields_by_regex(lf: pl.LazyFrame, layouts: list[list[str]]) -> pl.LazyFrame
     return lf.with_columns(**{k: pl.when(v != "").then(v) for k, v in cols.items()}, width=width).drop("f")
 
 
-def _fields_by_csv(sf: SourceFile, lines: pl.DataFrame, layout: list[str], k: int, has_header: bool) -> pl.DataFrame | None:
+def _fields_by_csv(sf: SourceFile, lines: pl.DataFrame, layout: list[str], has_header: bool) -> pl.DataFrame | None:
     """The fast path: the file read by the CSV parser, row for row beside its lines, or None
     when the parser rejects it (more fields than the header) so the careful path reads it.
 
@@ -288,7 +292,7 @@ def _file_frame(fi: int, sf: SourceFile, reg: _Layouts, problems: list[str], ded
             record=pl.col("line"), joined_into=pl.lit(None, dtype=pl.Int64), unclosed=pl.lit(False),
             seg=pl.col("is_header").cast(pl.Int32).cum_sum(), layout=pl.lit(k, dtype=pl.Int32),
         )
-        out = _fields_by_csv(sf, base, reg.layouts[k], k, n_headers == 1)
+        out = _fields_by_csv(sf, base, reg.layouts[k], n_headers == 1)
     if out is None:
         out = (
             _joined_records(lines.lazy())
