@@ -243,3 +243,26 @@ def test_local_time_across_dst_change(tmp_path):
         datetime(2026, 3, 29, 1, 30, tzinfo=timezone.utc),
         datetime(2026, 3, 29, 1, 0, tzinfo=timezone.utc),
     ]
+
+
+def test_stamp_forms_next_to_plain_lines(tmp_path):
+    """Plain ``YYYY-MM-DD HH:MM:SS`` lines are read by position; the forms that only look
+    plain (fraction, offset, [pid], a "Z" zone, "host exim[pid]:" and a second stamp, an id
+    starting with Z) still get the wrapper's reading."""
+    d = 'R=dnslookup T=remote_smtp H=mx.example.com [198.51.100.1] C="250 OK"'
+    log = tmp_path / "mainlog"
+    log.write_text(
+        f"2026-11-17 10:00:00 2aBcDa-000Abc-01 => a@example.com {d}\n"
+        f"2026-11-17 10:00:01.250 2aBcDa-000Abc-01 => b@example.com {d}\n"
+        f"2026-11-17 10:00:02 +0100 2aBcDa-000Abc-01 => c@example.com {d}\n"
+        f"2026-11-17 10:00:03 [4242] 2aBcDa-000Abc-01 => d@example.com {d}\n"
+        f"2026-11-17 10:00:04 mx1 exim[4242]: 2026-11-17 10:00:05 2aBcDa-000Abc-01 => e@example.com {d}\n"
+        f"2026-11-17 10:00:06 Z 2aBcDa-000Abc-01 => f@example.com {d}\n"
+        f"2026-11-17 10:00:07 ZbOrT0-7vidzx-eM => g@example.com {d}\n"
+    )
+    att = load(log, format="exim", tz="Europe/Berlin").attempts.collect()
+    utc = lambda s, us=0: datetime(2026, 11, 17, 9, 0, s, us, tzinfo=timezone.utc)  # noqa: E731
+    assert att["recipient"].to_list() == [f"{c}@example.com" for c in "abcdefg"]
+    assert att["ts"].to_list() == [utc(0), utc(1, 250000), utc(2), utc(3), utc(5), utc(6).replace(hour=10), utc(7)]
+    assert att["message_key"].to_list() == ["2aBcDa-000Abc-01"] * 4 + ["mx1/2aBcDa-000Abc-01", "2aBcDa-000Abc-01", "ZbOrT0-7vidzx-eM"]
+    assert att["attempt"].to_list() == [1] * 7

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 
 import polars as pl
+import polars.selectors  # noqa: F401
 
 from .. import schema
 from ..sources import SourceFile, scan_lines
@@ -153,6 +154,10 @@ def _timestamps(files: list[SourceFile], options) -> pl.Expr:
     ).cast(pl.Int32)
     bsd_naive = (year.cast(pl.String) + " " + bsd).str.to_datetime("%Y %b %d %H:%M:%S", strict=False, time_unit="us")
     naive = pl.coalesce(naive, bsd_naive)
+    plain = pl.col("plain")
+    naive = pl.when(plain).then(
+        pl.when(plain).then(pl.col("line")).str.slice(0, 19).str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
+    ).otherwise(naive)
     o = off.str.replace(":", "")
     off_min = (
         pl.when(o == "Z").then(pl.lit(0))
@@ -166,125 +171,285 @@ def _timestamps(files: list[SourceFile], options) -> pl.Expr:
     return pl.when(off.is_not_null()).then(with_offset).otherwise(local)
 
 
+# A plain mainlog line "YYYY-MM-DD HH:MM:SS <id or text>": the stamp is read by position and
+# the wrapper regex runs only on the other lines.  Left to the wrapper regex (which reads them
+# differently): fractions, offsets, [pid], "[n/m]" pieces, and a second stamp or
+# "host exim[pid]:" after the first.
+_PLAIN = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [^\s\[+\-]"
+_PLAIN_NOT = r"^.{20}(?:Z |\S+ exim\[\d+\]: |\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )"
+
+
 def _records(files: list[SourceFile], options) -> pl.LazyFrame:
-    """One row per physical line with wrapper fields parsed and wrapped/split continuations
-    joined onto their record (``body``); continuation lines keep ``joined_into``."""
-    lines = scan_lines(files).with_row_index("seq")
-    lf = lines.with_columns(w=pl.col("line").str.extract_groups(_WRAP)).with_columns(
-        has_ts=pl.any_horizontal(pl.col("w").struct.field(k).is_not_null() for k in ("bsd", "d1", "d2")),
-        log_host=pl.col("w").struct.field("host"),
-        pid=pl.coalesce(pl.col("w").struct.field("spid"), pl.col("w").struct.field("pid")),
-        split_n=pl.col("w").struct.field("sn").cast(pl.Int32, strict=False),
-        split_sep=pl.col("w").struct.field("ssep"),
+    """One row per physical line of ONE file with wrapper fields parsed and wrapped/split
+    continuations joined onto their record (``body``)."""
+    lf = _line_fields(scan_lines(files).with_row_index("seq"))
+    return _with_body(lf.join(_continuations(lf), on="line_no", how="left", maintain_order="left"))
+
+
+def _line_fields(lines: pl.LazyFrame) -> pl.LazyFrame:
+    """The wrapper of each line of one file: stamp groups ``w`` (null on plain mainlog lines),
+    ``pre`` (the wrapper's length), host, pid, ``[n/m]`` split, and whether the line starts a
+    record or continues the one before."""
+    line = pl.col("line")
+    plain = line.str.contains(_PLAIN) & ~line.str.contains(_PLAIN_NOT)
+    lf = lines.with_columns(plain=plain).with_columns(w=pl.when(~pl.col("plain")).then(line).str.extract_groups(_WRAP))
+    w = pl.col("w").struct
+    lf = lf.with_columns(
+        has_ts=pl.col("plain") | pl.any_horizontal(w.field(k).is_not_null() for k in ("bsd", "d1", "d2")),
+        log_host=w.field("host"),
+        pid=pl.coalesce(w.field("spid"), w.field("pid")),
+        split_n=w.field("sn").cast(pl.Int32, strict=False),
+        split_sep=w.field("ssep"),
         # the prefix only is captured: a trailing ".*" group would make the regex engine walk every line
-        body=pl.col("line").str.slice(pl.col("w").struct.field("pre").str.len_chars()),
+        pre=pl.when(pl.col("plain")).then(pl.lit(20, dtype=pl.UInt32)).otherwise(w.field("pre").str.len_chars()),
     )
     is_piece = pl.col("has_ts") & (pl.col("split_n").fill_null(1) > 1)
-    lf = lf.with_columns(
+    return lf.with_columns(
         is_start=pl.col("has_ts") & ~is_piece,
         is_cont=is_piece | ~pl.col("has_ts"),
     ).with_columns(
-        _prev_start=pl.when(pl.col("is_start")).then(pl.col("line_no")).forward_fill().over("file"),
+        # one file per call: no grouping by file needed
+        _prev_start=pl.when(pl.col("is_start")).then(pl.col("line_no")).forward_fill(),
     )
+
+
+def _continuations(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """``line_no, piece``: the text that wrapped lines and ``[n/m]`` pieces add to the record
+    they continue (one row per such record)."""
     # A [n/m] piece belongs to the previous [1/m] piece of the same process; computed on the
     # (usually empty) set of split lines only.  A line without a timestamp continues the
     # record before it (a wrapped line).
+    body = pl.col("line").str.slice(pl.col("pre"))
     pieces = (
         lf.filter(pl.col("split_n").is_not_null() & pl.col("has_ts"))
-        .with_columns(_into=pl.when(pl.col("split_n") == 1).then(pl.col("line_no")).forward_fill().over("file", "pid"))
+        .with_columns(_into=pl.when(pl.col("split_n") == 1).then(pl.col("line_no")).forward_fill().over("pid"))
         .filter(pl.col("split_n") > 1)
-        .select("file", "seq", "_into", piece=pl.when(pl.col("split_sep") == "/").then(pl.col("body")).otherwise(" " + pl.col("body")))
+        .select("seq", "_into", piece=pl.when(pl.col("split_sep") == "/").then(body).otherwise(" " + body))
     )
     wrapped = lf.filter(~pl.col("has_ts")).select(
-        "file", "seq", _into=pl.col("_prev_start"), piece=" " + pl.col("line").str.strip_chars()
-    )
-    cont = (
-        pl.concat([pieces, wrapped])
-        .filter(pl.col("_into").is_not_null())
-        .group_by("file", "_into")
-        .agg(pl.col("piece").sort_by("seq").str.join(""))
-        .rename({"_into": "line_no"})
+        "seq", _into=pl.col("_prev_start"), piece=" " + pl.col("line").str.strip_chars()
     )
     return (
-        lf.join(cont, on=["file", "line_no"], how="left", maintain_order="left")
-        .with_columns(body=pl.when(pl.col("piece").is_not_null()).then(pl.col("body") + pl.col("piece")).otherwise(pl.col("body")))
-        .drop("piece")
+        pl.concat([pieces, wrapped])
+        .filter(pl.col("_into").is_not_null())
+        .group_by("_into")
+        .agg(pl.col("piece").sort_by("seq").str.join(""))
+        .select(pl.col("_into").alias("line_no"), "piece")
     )
 
 
-def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.DataFrame:
+def _with_body(frame):
+    """``body``: the line after its wrapper, with its continuations appended."""
+    body = pl.col("line").str.slice(pl.col("pre"))
+    return frame.with_columns(body=pl.when(pl.col("piece").is_not_null()).then(body + pl.col("piece")).otherwise(body)).drop("piece")
+
+
+# Per-line outcome codes (category, reason): small integers while parsing, text at the end.
+_CR = (
+    ("context", "continuation line joined to its record"),
+    ("malformed", "not an Exim log line (no timestamp)"),
+    ("skipped", "cwd/args line (log_selector +arguments)"),
+    ("skipped", "daemon or queue-runner line"),
+    ("skipped", "no message id (inbound SMTP session, reject or notice)"),
+    ("context", "arrival (<=)"),
+    ("context", "message completed"),
+    ("skipped", "delivery suppressed by -N (*>)"),
+    ("skipped", "fakereject (="),
+    ("skipped", "retry time not reached (no attempt made)"),
+    ("attempt", None),
+    ("connection", "per-host SMTP error"),
+    ("connection", "per-host connection failure"),
+    ("skipped", "frozen/unfrozen notice"),
+    ("skipped", "cPanel custom line"),
+    ("skipped", "inbound reject or scan notice"),
+    ("skipped", "other message event"),
+)
+_C = {r: i for i, (_, r) in enumerate(_CR)}
+_ATTEMPT = _C[None]
+_DELIVERY_FLAGS = ["=>", "->", ">>", "==", "**"]
+# What the later steps read, by row kind (memory: a string column costs 16 bytes a row even
+# where it is null, so the fields of attempts are not carried on every line).
+_LINE_COLUMNS = (
+    "seq", "file", "line_no", "has_ts", "ts", "log_host", "queue_id", "flag", pl.selectors.starts_with("_h"),
+    "category", "reason", "text",
+)
+_DETAIL_COLUMNS = (
+    "seq", "rcpt", "extra", "transport", "egress_ip", "qt", "dsize", "fsender", "errno", "mx_host", "mx_ip", "proto",
+    "smtp_stage", "response", "smtp_code", "enhanced_code", "has_conf", "give_up", "msg_trouble", "rest",
+)
+_ARRIVAL_COLUMNS = ("seq", "rcpt", "dsize", "message_id")
+_HEAD = rf"^(?P<queue_id>{_ID}) (?:(?P<flag><=|=>|->|>>|==|\*\*|\*>|\(=) )?"
+
+
+def _with_ts(rec: pl.DataFrame, files: list[SourceFile], options) -> pl.DataFrame:
+    """``ts`` read by position on plain mainlog lines; the wrapper groups decide it on the
+    (usually absent) other lines only."""
+    tz = getattr(options, "tz", "UTC") or "UTC"
+    stamp = pl.col("line").str.slice(0, 19).str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us")
+    ts = rec.select(_localize(stamp, tz).alias("ts")).to_series()
+    if not rec["plain"].all():
+        other = rec.select("file", "line", "w", "plain").filter(~pl.col("plain"))
+        ts = ts.scatter(rec["plain"].not_().arg_true(), other.select(_timestamps(files, options).alias("ts")).to_series())
+    return rec.with_columns(ts)
+
+
+def _unchanged_by_join(reply: pl.Expr) -> pl.Expr:
+    """True where :func:`join_reply_lines` would return the text as it is (the usual case),
+    so its replacements run on the few other replies only."""
+    return ~reply.str.contains(r"\\n|^\d{3}-|[^\S ]|\s{2}|^\s|\s$")
+
+
+def _joined(frame: pl.DataFrame, column: str, out: str) -> pl.DataFrame:
+    """``out``: :func:`join_reply_lines` of ``column``, its line-joining replacements run only
+    on replies with a literal ``\\n`` and its space squashing only on replies that need it."""
+    c = pl.col(column)
+    frame = frame.with_columns(_keep=_unchanged_by_join(c), _nl=c.str.contains("\\n", literal=True))
+    keep, nl = pl.col("_keep"), pl.col("_nl")
+    return frame.with_columns(
+        pl.when(keep).then(c)
+        .when(nl).then(join_reply_lines(pl.when(~keep & nl).then(c)))
+        .otherwise(squash_spaces(pl.when(~keep & ~nl).then(c).str.replace(r"^(\d{3})-", "$1 ")))
+        .alias(out)
+    ).drop("_keep", "_nl")
+
+
+def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool, block_rows: int = 100_000) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """One file's lines parsed and classified (all but the cross-file steps: duplicates and
-    message instances), reduced to the columns the attempts, connections and accounting use.
+    message instances), reduced to what the attempts, connections and accounting use: one
+    row per line (``_LINE_COLUMNS``), the fields of attempt and per-host lines
+    (``_DETAIL_COLUMNS``) and of arrivals (``_ARRIVAL_COLUMNS``), joined on ``seq``.
     ``offset`` makes ``seq`` run on over files; ``identity`` adds line hashes for the
-    duplicate check."""
+    duplicate check.
+
+    Eager on purpose: each step's regexes run only on the lines of the record shape that
+    needs them (other rows are null), and columns are dropped as soon as they are used."""
     files = [sf]
-    rec = _records(files, options).with_columns(ts=_timestamps(files, options))
+    lines = scan_lines(files).with_row_index("seq").collect()
+    line = pl.col("line")
+    if lines.select((line.str.contains(_PLAIN) & ~line.str.contains(_PLAIN_NOT)).all()).item():
+        # Every line a plain mainlog record (the usual file): no wrapper, no continuations.
+        fields = lines.with_columns(
+            plain=pl.lit(True), has_ts=pl.lit(True), log_host=pl.lit(None, dtype=pl.String), pre=pl.lit(20, dtype=pl.UInt32),
+            is_cont=pl.lit(False), _prev_start=pl.col("line_no"), piece=pl.lit(None, dtype=pl.String),
+        )
+    else:
+        fields = _line_fields(lines.lazy()).collect()
+        cont = _continuations(fields.lazy()).collect()
+        if cont.height:
+            fields = fields.join(cont, on="line_no", how="left", maintain_order="left")
+        else:
+            fields = fields.with_columns(piece=pl.lit(None, dtype=pl.String))
+    del lines
+    fields = _with_ts(fields, files, options).drop("w", "file", "split_sep", "pid", "split_n", "is_start", "plain", strict=False)
+    # Memory: the regex steps run on blocks of lines, so their intermediate columns exist
+    # for one block at a time.
+    name = pl.lit(sf.name, dtype=pl.String).cast(pl.Categorical)
+    kinds = {
+        "lines": (None, _LINE_COLUMNS),
+        "details": (pl.col("_code").is_in([_ATTEMPT, _C["per-host SMTP error"], _C["per-host connection failure"]]), _DETAIL_COLUMNS),
+        "arrivals": ((pl.col("category") == "context") & (pl.col("flag") == "<="), _ARRIVAL_COLUMNS),
+    }
+    parts: dict[str, list[pl.DataFrame]] = {k: [] for k in kinds}
+    for start in range(0, max(fields.height, 1), block_rows):
+        block = _parse_block(_with_body(fields.slice(start, block_rows)), identity=identity).with_columns(
+            (pl.col("seq").cast(pl.Int64) + offset).alias("seq"), file=name
+        )
+        for kind, (rows, columns) in kinds.items():
+            parts[kind].append((block if rows is None else block.filter(rows)).select(columns))
+    return tuple(pl.concat(parts[k]) for k in kinds)
+
+
+def _parse_block(rec: pl.DataFrame, *, identity: bool) -> pl.DataFrame:
+    """One block of lines (``line``, ``body`` and the wrapper fields) parsed and classified."""
     body = pl.col("body")
-    rec = rec.with_columns(queue_id=body.str.extract(rf"^({_ID}) ", 1)).with_columns(
-        rest=pl.when(pl.col("queue_id").is_not_null()).then(body.str.slice(pl.col("queue_id").str.len_chars() + 1))
-    ).with_columns(
-        flag=pl.col("rest").str.extract(r"^(<=|=>|->|>>|==|\*\*|\*>|\(=) ", 1),
-    )
-    # Recipient token, then " <orig>" / " (parent)" groups, then the fields; plain extracts
-    # (no lazy quantifiers) keep this on the fast regex engine.  A trailing colon on the
-    # token is the "** addr: message" form.
-    after = pl.col("rest").str.slice(pl.col("flag").str.len_chars() + 1).str.replace_all("[email protected]", "[email-protected]", literal=True)
-    rec = rec.with_columns(_tok=after.str.extract(r"^(\S+)", 1), _after=after)
-    rec = rec.with_columns(_r1=pl.col("_after").str.slice(pl.col("_tok").str.len_chars()))
-    rec = rec.with_columns(extra=pl.col("_r1").str.extract(r"^((?: (?:<[^>]*>|\([^)]*\)))*)", 1))
+    rec = rec.with_columns(h=body.str.extract_groups(_HEAD)).unnest("h")
+    qid, flag = pl.col("queue_id"), pl.col("flag")
+    qlen = qid.str.len_chars() + 1
     rec = rec.with_columns(
-        rcpt=pl.col("_tok").str.strip_suffix(":"),
-        colon=pl.when(pl.col("_tok").str.ends_with(":")).then(pl.lit(":")).otherwise(pl.lit("")),
-        tail=pl.col("_r1").str.slice(pl.col("extra").str.len_chars()).str.strip_prefix(" "),
-    ).drop("_tok", "_after", "_r1")
-    # Delivery fields are read on delivery lines only (arrivals and the rest stay null: the
-    # regexes then skip them), which halves the work on a typical log.
-    rec = rec.with_columns(_dtail=pl.when(pl.col("flag").is_in(["=>", "->", ">>", "==", "**"])).then(pl.col("tail")))
+        # the text after the id, on lines without a flag (per-host lines, Completed, notices)
+        rest=pl.when(qid.is_not_null() & flag.is_null()).then(body.str.slice(qlen)),
+        # Recipient token, then " <orig>" / " (parent)" groups, then the fields.
+        _after=pl.when(flag.is_not_null()).then(body.str.slice(qlen + flag.str.len_chars() + 1)),
+    )
+    after = pl.col("_after")
+    masked = "[email protected]"  # Cloudflare's e-mail obfuscation in pasted logs
+    rec = rec.with_columns(
+        _after=pl.when(after.str.contains(masked, literal=True)).then(after.str.replace_all(masked, "[email-protected]", literal=True)).otherwise(after)
+    )
+    # A trailing colon on the token is the "** addr: message" form.
+    rec = rec.with_columns(t=after.str.extract_groups(r"^(?P<_tok>\S+)(?P<extra>(?: (?:<[^>]*>|\([^)]*\)))*)")).unnest("t")
+    tok = pl.col("_tok")
+    rec = rec.with_columns(
+        rcpt=tok.str.strip_suffix(":"),
+        colon=pl.when(tok.str.ends_with(":")).then(pl.lit(":")).otherwise(pl.lit("")),
+        tail=after.str.slice(tok.str.len_chars() + pl.col("extra").str.len_chars()).str.strip_prefix(" "),
+    ).drop("_tok", "_after")
+    # Delivery fields are read on delivery lines only.
+    is_delivery = flag.is_in(_DELIVERY_FLAGS)
+    rec = rec.with_columns(_dtail=pl.when(is_delivery).then(pl.col("tail")))
     tail = pl.col("_dtail")
     # "defer (N)[: strerror][ H=host [ip][:port][*]][ DT=..]: message" (deliver.c order).
-    defer = tail.str.extract_groups(
-        r"(?:^| )defer \((?P<errno>-?\d+)\)(?:: (?P<strerr>[^:]*))?(?: H=(?P<dh>[^\s\[]\S*) \[(?P<dip>[^\]]+)\](?::\d+)?\*?)?"
-        r"(?: (?:DT|I)=\S+)*(?:: (?P<msg>.*))?$"
+    # (Eager frames evaluate a repeated expression each time: shared parts become columns.)
+    rec = rec.with_columns(
+        _defer=pl.when(tail.str.contains("defer (", literal=True)).then(tail).str.extract_groups(
+            r"(?:^| )defer \((?P<errno>-?\d+)\)(?:: (?P<strerr>[^:]*))?(?: H=(?P<dh>[^\s\[]\S*) \[(?P<dip>[^\]]+)\](?::\d+)?\*?)?"
+            r"(?: (?:DT|I)=\S+)*(?:: (?P<msg>.*))?$"
+        ),
+        _bs=tail.str.contains("\\", literal=True),
     )
+    defer = pl.col("_defer")
     # "** addr [<orig>] [F=<s>] [R=r] [T=t] [H=h [ip]] [PS=..] : message"; "** addr: message".
     fail_msg = pl.when(pl.col("colon") == ":").then(tail).otherwise(
-        (" " + pl.when(pl.col("flag") == "**").then(tail)).str.extract(r"^(?:\s+[A-Z]{1,3}=(?:<[^>]*>|\S+)(?: \[[^\]]*\](?::\d+)?\*?)?)*\s*:\s?(.*)$", 1)
+        (" " + pl.when(flag == "**").then(tail)).str.extract(r"^(?:\s+[A-Z]{1,3}=(?:<[^>]*>|\S+)(?: \[[^\]]*\](?::\d+)?\*?)?)*\s*:\s?(.*)$", 1)
+    )
+    # C="..." without a backslash in the line reads the same with the simpler pattern.
+    backslash = pl.col("_bs")
+    conf = pl.when(backslash).then(pl.when(backslash).then(tail).str.extract(r'(?:^| )C="((?:[^"\\]|\\.)*)"', 1)).otherwise(
+        pl.when(~backslash).then(tail).str.extract(r'(?:^| )C="([^"]*)"', 1)
     )
     rec = rec.with_columns(
         router=tail.str.extract(r"(?:^| )R=(\S+)", 1),
         transport=tail.str.extract(r"(?:^| )T=(\S+)", 1).str.strip_suffix(":"),
         hm=tail.str.extract_groups(r"(?:^| )H=(?P<host>[^\s\[]\S*) \[(?P<ip>[^\]]+)\](?::(?P<port>\d+))?"),
         egress_ip=tail.str.extract(r"(?:^| )I=\[([^\]]+)\]", 1),
-        conf=tail.str.extract(r'(?:^| )C="((?:[^"\\]|\\.)*)"', 1),
+        conf=conf,
         qt=tail.str.extract(r"(?:^| )QT=(\S+)", 1),
         dsize=pl.col("tail").str.extract(r"(?:^| )S=(\d+)", 1).cast(pl.Int64, strict=False),
         fsender=tail.str.extract(r"(?:^| )F=<([^>]*)>", 1),
         errno=defer.struct.field("errno").cast(pl.Int32, strict=False),
-        msg=pl.when(pl.col("flag") == "==").then(pl.coalesce(defer.struct.field("msg"), defer.struct.field("strerr"))).when(pl.col("flag") == "**").then(pl.coalesce(fail_msg, tail)),
-    )
+        msg=pl.when(flag == "==").then(pl.coalesce(defer.struct.field("msg"), defer.struct.field("strerr"))).when(flag == "**").then(pl.coalesce(fail_msg, tail)),
+        message_id=_compact(pl.when(flag == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1))),
+    ).drop("_dtail", "tail", "colon", "_defer", "_bs")
     msg = pl.col("msg")
-    se = msg.str.extract_groups(_SMTP_ERR)
+    rec = rec.with_columns(_se=msg.str.extract_groups(_SMTP_ERR))
+    se = pl.col("_se")
     rec = rec.with_columns(
         mx_host=_clean_host(pl.coalesce(pl.col("hm").struct.field("host"), se.struct.field("ohost"))),
         mx_ip=pl.coalesce(pl.col("hm").struct.field("ip"), se.struct.field("oip")),
         proto=se.struct.field("proto"),
         smtp_stage=smtp_stage(se.struct.field("cmd")),
-        reply=pl.coalesce(se.struct.field("reply"), pl.when(pl.col("flag").is_in(["=>", "->", ">>"])).then(pl.col("conf"))),
-    )
-    rec = rec.with_columns(_reply_j=join_reply_lines(pl.col("reply")))
+        reply=pl.coalesce(se.struct.field("reply"), pl.when(flag.is_in(["=>", "->", ">>"])).then(pl.col("conf"))),
+    ).drop("hm", "_se")
+    rec = _joined(rec, "reply", "_reply_j")
     reply = pl.col("_reply_j")
     rec = rec.with_columns(
-        response=pl.coalesce(reply, join_reply_lines(pl.when(pl.col("reply").is_null()).then(msg))),
-        smtp_code=reply.str.extract(r"^(\d{3})\b", 1).cast(pl.Int16, strict=False),
-        enhanced_code=reply.str.extract(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b", 1),
+        _code=reply.str.extract_groups(r"^(?P<c>\d{3})\b(?:[ -](?P<e>[245]\.\d{1,3}\.\d{1,3})\b)?"),
+        _msg_nr=pl.when(pl.col("reply").is_null()).then(msg),
     )
+    rec = _joined(rec, "_msg_nr", "_msg_j")
+    code = pl.col("_code")
+    rec = rec.with_columns(
+        response=pl.coalesce(reply, pl.col("_msg_j")),
+        smtp_code=code.struct.field("c").cast(pl.Int16, strict=False),
+        enhanced_code=code.struct.field("e"),
+    ).drop("reply", "_reply_j", "_code", "_msg_nr", "_msg_j")
     # --- per-line category and reason ------------------------------------------------------
-    flag = pl.col("flag")
     # The pattern checks below decide only lines with an id but no flag (and not Completed),
     # or lines without an id: other lines are nulled first so the regexes skip them.
+    completed = pl.col("rest").str.starts_with("Completed")
     rec = rec.with_columns(
-        _rest_nf=pl.when(flag.is_null() & ~pl.col("rest").str.starts_with("Completed")).then(pl.col("rest")),
-        _body_nq=pl.when(pl.col("queue_id").is_null()).then(pl.col("body")),
+        _rest_nf=pl.when(~completed).then(pl.col("rest")),
+        _body_nq=pl.when(qid.is_null()).then(body),
     )
     retry_not_reached = msg.str.contains(r"(?i)retry time not (?:yet )?reached") & ~msg.str.contains(r"(?i)failing for a long time")
     per_host_err = pl.col("_rest_nf").str.contains(
@@ -298,58 +463,55 @@ def _parse_file(sf: SourceFile, options, *, offset: int, identity: bool) -> pl.D
         & ~pl.col("_rest_nf").str.contains(r"(?i)\brejected\b|\bdropped\b|closed by|\bF=|\bP=")
     )
     rest = pl.col("_rest_nf")
-    category_reason = (
-        pl.when(pl.col("is_cont") & (pl.col("has_ts") | pl.col("_prev_start").is_not_null()))
-        .then(pl.struct(c=pl.lit("context"), r=pl.lit("continuation line joined to its record")))
-        .when(~pl.col("has_ts"))
-        .then(pl.struct(c=pl.lit("malformed"), r=pl.lit("not an Exim log line (no timestamp)")))
-        .when(pl.col("queue_id").is_null())
+    C = lambda reason: pl.lit(_C[reason], dtype=pl.UInt8)  # noqa: E731
+    code = (
+        pl.when(pl.col("is_cont") & (pl.col("has_ts") | pl.col("_prev_start").is_not_null())).then(C("continuation line joined to its record"))
+        .when(~pl.col("has_ts")).then(C("not an Exim log line (no timestamp)"))
+        .when(qid.is_null())
         .then(
-            pl.when(pl.col("_body_nq").str.starts_with("cwd="))
-            .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("cwd/args line (log_selector +arguments)")))
+            pl.when(pl.col("_body_nq").str.starts_with("cwd=")).then(C("cwd/args line (log_selector +arguments)"))
             .when(pl.col("_body_nq").str.contains(r"daemon (?:started|stopped)|^exim \d|^pid \d+: SIGHUP|^Start queue run|^End queue run"))
-            .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("daemon or queue-runner line")))
-            .otherwise(pl.struct(c=pl.lit("skipped"), r=pl.lit("no message id (inbound SMTP session, reject or notice)")))
+            .then(C("daemon or queue-runner line"))
+            .otherwise(C("no message id (inbound SMTP session, reject or notice)"))
         )
-        .when(flag == "<=").then(pl.struct(c=pl.lit("context"), r=pl.lit("arrival (<=)")))
-        .when(pl.col("rest").str.starts_with("Completed")).then(pl.struct(c=pl.lit("context"), r=pl.lit("message completed")))
-        .when(flag == "*>").then(pl.struct(c=pl.lit("skipped"), r=pl.lit("delivery suppressed by -N (*>)")))
-        .when(flag == "(=").then(pl.struct(c=pl.lit("skipped"), r=pl.lit("fakereject (=")))
-        .when((flag == "==") & retry_not_reached)
-        .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("retry time not reached (no attempt made)")))
-        .when(flag.is_not_null()).then(pl.struct(c=pl.lit("attempt"), r=pl.lit(None, dtype=pl.String)))
-        .when(per_host_err).then(pl.struct(c=pl.lit("connection"), r=pl.lit("per-host SMTP error")))
-        .when(per_host_conn).then(pl.struct(c=pl.lit("connection"), r=pl.lit("per-host connection failure")))
-        .when(rest.str.contains(r"(?i)^(?:Frozen|Unfrozen|Message is frozen|frozen)"))
-        .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("frozen/unfrozen notice")))
+        .when(flag == "<=").then(C("arrival (<=)"))
+        .when(completed).then(C("message completed"))
+        .when(flag == "*>").then(C("delivery suppressed by -N (*>)"))
+        .when(flag == "(=").then(C("fakereject (="))
+        .when((flag == "==") & retry_not_reached).then(C("retry time not reached (no attempt made)"))
+        .when(flag.is_not_null()).then(C(None))
+        .when(per_host_err).then(C("per-host SMTP error"))
+        .when(per_host_conn).then(C("per-host connection failure"))
+        .when(rest.str.contains(r"(?i)^(?:Frozen|Unfrozen|Message is frozen|frozen)")).then(C("frozen/unfrozen notice"))
         .when(rest.str.contains(r"^(?:SMTP connection outbound|Sender identification|SMTP connection identification)"))
-        .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("cPanel custom line")))
-        .when(rest.str.contains(r"rejected|^SMTP connection from|^H=|^F=|^SA: "))
-        .then(pl.struct(c=pl.lit("skipped"), r=pl.lit("inbound reject or scan notice")))
-        .otherwise(pl.struct(c=pl.lit("skipped"), r=pl.lit("other message event")))
+        .then(C("cPanel custom line"))
+        .when(rest.str.contains(r"rejected|^SMTP connection from|^H=|^F=|^SA: ")).then(C("inbound reject or scan notice"))
+        .otherwise(C("other message event"))
     )
-    rec = rec.with_columns(cr=category_reason).with_columns(
-        category=pl.col("cr").struct.field("c"), reason=pl.col("cr").struct.field("r")
-    )
-
+    rec = rec.with_columns(_code=code).drop("_rest_nf", "_body_nq")
+    cats = pl.Series([c for c, _ in _CR], dtype=pl.String).cast(pl.Categorical)
+    reasons = pl.Series([r for _, r in _CR], dtype=pl.String).cast(pl.Categorical)
+    codes = pl.col("_code")
     ident = [pl.col("line").hash(11).alias("_h1"), pl.col("line").hash(29).alias("_h2")] if identity else []
     return rec.select(
-        (pl.col("seq").cast(pl.Int64) + offset).alias("seq"),
-        "file", "line_no", "has_ts", "ts", "log_host", "queue_id", "flag", "rcpt", "extra", "transport",
+        "seq", "line_no", "has_ts", "ts", "log_host", "queue_id", "flag", "rcpt", "extra", "transport",
         "egress_ip", "qt", "dsize", "fsender", "errno", "mx_host", "mx_ip", "proto", "smtp_stage",
-        "response", "smtp_code", "enhanced_code", *ident,
+        "smtp_code", "enhanced_code", *ident,
+        # (a failure's message may be the whole tail of its line: copied, not a view into the block)
+        response=_compact(pl.col("response")),
         # Memory: what the later steps ask of the message and C= as flags, category and reason
         # as categoricals, and the sparse text columns copied (a column filtered by when/then
         # still holds the buffer of every line it came from).
         has_conf=pl.col("conf").is_not_null(),
-        give_up=pl.col("msg").str.contains(r"(?i)retry timeout exceeded|failing for a long time"),
-        msg_trouble=pl.col("msg").str.contains(_CONNECT_TROUBLE).fill_null(False),
-        category=pl.col("category").cast(pl.Categorical),
-        reason=pl.col("reason").cast(pl.Categorical),
-        message_id=_compact(pl.when(pl.col("flag") == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1))),
-        rest=_compact(pl.when(pl.col("category") == "connection").then(pl.col("rest"))),
-        text=_compact(pl.when(pl.col("category").is_in(["skipped", "malformed"])).then(pl.col("line"))),
-    ).collect()
+        give_up=msg.str.contains(r"(?i)retry timeout exceeded|failing for a long time"),
+        msg_trouble=msg.str.contains(_CONNECT_TROUBLE).fill_null(False),
+        category=pl.lit(cats).gather(codes),
+        reason=pl.lit(reasons).gather(codes),
+        message_id="message_id",
+        rest=_compact(pl.when(codes.is_in([_C["per-host SMTP error"], _C["per-host connection failure"]])).then(pl.col("rest"))),
+        text=_compact(pl.when(pl.lit(pl.Series([c in ("skipped", "malformed") for c, _ in _CR])).gather(codes)).then(pl.col("line"))),
+        _code=codes,
+    )
 
 
 def _compact(text: pl.Expr) -> pl.Expr:
@@ -364,30 +526,66 @@ def load(files: list[SourceFile], options) -> "Load":
     # One file at a time (memory: every line's intermediate strings are dropped with its
     # file); the cross-file steps below run on the parsed, reduced rows.
     identity = getattr(options, "dedupe", True) and len(files) > 1
-    parts, offset = [], 0
+    parts, details, arrivals, offset = [], [], [], 0
     for fi, sf in enumerate(files):
-        part = _parse_file(sf, options, offset=offset, identity=identity)
+        part, detail, arrival = _parse_file(sf, options, offset=offset, identity=identity)
         parts.append(part.with_columns(fidx=pl.lit(fi, dtype=pl.Int32)))
+        details.append(detail)
+        arrivals.append(arrival)
         offset += part.height
-    rec = pl.concat(parts).lazy()
+    rec = pl.concat(parts)
+    details, arrivals = pl.concat(details), pl.concat(arrivals)
+    del parts
     # The same line in an earlier file (a file given twice under two names, overlapping
     # rotated copies) is counted once.
     if identity:
-        duplicate = pl.col("has_ts") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))
-        rec = rec.with_columns(
-            category=pl.when(duplicate).then(pl.lit("duplicate")).otherwise(pl.col("category")),
-            reason=pl.when(duplicate).then(pl.lit("identical line in an earlier file")).otherwise(pl.col("reason")),
-        )
+        # Grouping every line by its hashes costs time and memory: only lines whose first
+        # hash occurs more than once can be duplicates, and usually there are none.
+        first = rec.select(pl.col("_h1").is_first_distinct()).to_series()
+        dup = pl.repeat(False, rec.height, eager=True)
+        if not first.all():
+            again = rec["_h1"].filter(~first).unique()
+            cand = rec.select(pl.col("_h1").is_in(again.implode())).to_series()
+            sub = rec.filter(cand).select(pl.col("has_ts") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))).to_series()
+            dup = dup.scatter(cand.arg_true(), sub)
+            del again, cand, sub
+        del first
+        if dup.any():
+            rec = rec.with_columns(
+                category=pl.when(dup).then(pl.lit("duplicate", dtype=pl.Categorical)).otherwise(pl.col("category")),
+                reason=pl.when(dup).then(pl.lit("identical line in an earlier file", dtype=pl.Categorical)).otherwise(pl.col("reason")),
+            )
+        del dup
     # --- message instances: an id is reused when an arrival repeats it -----------------------
     key_base = pl.when(pl.col("log_host").is_not_null()).then(pl.col("log_host") + "/" + pl.col("queue_id")).otherwise(pl.col("queue_id"))
-    rec = rec.with_columns(_key_base=key_base).with_columns(
-        _gen=(pl.col("flag") == "<=").fill_null(False).cast(pl.Int32).cum_sum().over("_key_base")
-    ).with_columns(
-        message_key=pl.when(pl.col("_gen") <= 1).then(pl.col("_key_base")).otherwise(pl.col("_key_base") + "." + pl.col("_gen").cast(pl.String))
-    ).drop("_key_base", "_gen", "has_ts", "fidx", "_h1", "_h2", strict=False).collect().lazy()
+    if rec["log_host"].null_count() == rec.height:
+        key_base = pl.col("queue_id")  # a plain mainlog: no copy of the ids
+    rec = rec.with_columns(_key_base=key_base)
+    arrival = (pl.col("flag") == "<=").fill_null(False)
+    # The generation count is needed only when some id arrives twice (rare): a check on the
+    # arrivals spares a grouping of every line otherwise.
+    reused = rec.filter(arrival).select(pl.col("_key_base").is_duplicated().any()).item()
+    if reused:
+        rec = rec.with_columns(_gen=arrival.cast(pl.Int32).cum_sum().over("_key_base")).with_columns(
+            message_key=pl.when(pl.col("_gen") <= 1).then(pl.col("_key_base")).otherwise(pl.col("_key_base") + "." + pl.col("_gen").cast(pl.String))
+        )
+    else:
+        rec = rec.with_columns(message_key=pl.col("_key_base"))
+    # Exim times and transport names repeat: their derived values are computed once per
+    # distinct value and looked up.
+    qts = details.select(pl.col("qt").drop_nulls().unique()).with_columns(d=duration_seconds(pl.col("qt")))
+    delay = pl.col("qt").replace_strict(qts["qt"], qts["d"], default=None, return_dtype=pl.Float64)
+    tlow = pl.col("transport").str.to_lowercase()
+    tps = details.select(pl.col("transport").drop_nulls().unique()).with_columns(
+        lmtp=tlow.str.contains("lmtp"), remote=tlow.str.contains(r"(?:^|[^b])smtp|remote|lmtp"), bypassed=tlow.str.contains(r"\*\*bypassed\*\*")
+    )
+    t_is = lambda col: pl.col("transport").replace_strict(tps["transport"], tps[col], default=None, return_dtype=pl.Boolean)  # noqa: E731
+    rec = rec.drop("_key_base", "_gen", "has_ts", "fidx", "_h1", "_h2", strict=False).lazy()
+    details, arrivals = details.lazy(), arrivals.lazy()
     flag = pl.col("flag")
     arrivals = (
         rec.filter((pl.col("category") == "context") & (pl.col("flag") == "<="))
+        .join(arrivals, on="seq", how="left", maintain_order="left")
         .select(
             "message_key",
             a_sender=pl.col("rcpt").replace("<>", ""),
@@ -395,23 +593,27 @@ def load(files: list[SourceFile], options) -> "Load":
             message_id=pl.col("message_id"),
             a_ts=pl.col("ts"),
         )
-        .unique("message_key", keep="first")
     )
+    if reused:  # otherwise every arrival has a key of its own already
+        arrivals = arrivals.unique("message_key", keep="first")
 
-    att = rec.filter(pl.col("category") == "attempt").drop("message_id").join(arrivals, on="message_key", how="left", maintain_order="left")
-    transport = pl.col("transport").str.to_lowercase()
+    att = (
+        rec.filter(pl.col("category") == "attempt")
+        .join(details, on="seq", how="left", maintain_order="left")
+        .join(arrivals, on="message_key", how="left", maintain_order="left")
+    )
     has_host = pl.col("mx_host").is_not_null()
-    remote_transport = transport.str.contains(r"(?:^|[^b])smtp|remote|lmtp")
+    remote_transport = t_is("remote")
     give_up = pl.col("give_up")
     agent = (
-        pl.when(has_host & ((pl.col("proto") == "LMTP") | transport.str.contains("lmtp").fill_null(False))).then(pl.lit("lmtp"))
+        pl.when(has_host & ((pl.col("proto") == "LMTP") | t_is("lmtp").fill_null(False))).then(pl.lit("lmtp"))
         .when(has_host).then(pl.lit("smtp"))
         .when(give_up).then(pl.lit("retry"))
         .when(flag.is_in(["=>", "->", ">>"])).then(pl.lit("local"))
         .when(pl.col("transport").is_null()).then(pl.when(flag.is_in(["=>", "->"])).then(pl.lit("local")).otherwise(pl.lit("router")))
-        .when(transport.str.contains(r"\*\*bypassed\*\*")).then(pl.lit("local"))
+        .when(t_is("bypassed")).then(pl.lit("local"))
         .when(remote_transport & ((pl.col("errno") > 0) | pl.col("msg_trouble"))).then(pl.lit("smtp"))
-        .when(remote_transport & transport.str.contains("lmtp")).then(pl.lit("local"))
+        .when(remote_transport & t_is("lmtp")).then(pl.lit("local"))
         .when(remote_transport).then(pl.lit("internal"))
         .otherwise(pl.lit("local"))
     )
@@ -421,7 +623,6 @@ def load(files: list[SourceFile], options) -> "Load":
         .when(give_up).then(pl.lit("expired"))
         .otherwise(pl.lit("bounced"))
     )
-    delay = duration_seconds(pl.col("qt"))
     rcpt = pl.col("rcpt")
     orig = pl.col("extra").str.extract(r"<([^>]*)>", 1)
     domain_of = lambda e: e.str.extract(r"@([^@>\s]+)$", 1).str.to_lowercase().str.strip_suffix(".")  # noqa: E731
@@ -438,8 +639,24 @@ def load(files: list[SourceFile], options) -> "Load":
         delay_s=delay,
         queued_at=pl.coalesce(pl.col("ts") - pl.duration(microseconds=(delay * 1e6).cast(pl.Int64)), pl.col("a_ts")),
         size=pl.coalesce(pl.col("dsize"), pl.col("a_size")),
-    ).with_columns(
-        attempt=pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32),
+    )
+    # attempt: the try's rank within its (message, recipient).  Grouping a million rows by two
+    # strings is slow and large; a recipient tried once (the usual case) is try 1, and only
+    # pairs whose hash repeats are ranked.
+    tries = (
+        rec.filter(pl.col("category") == "attempt").select("seq", "message_key")
+        .join(details.select("seq", recipient="rcpt"), on="seq", how="left", maintain_order="left")
+        .collect()
+    )
+    pair = tries.select(pl.struct("message_key", "recipient").hash()).to_series()
+    first = pair.is_first_distinct()
+    attempt = pl.repeat(1, tries.height, dtype=pl.Int32, eager=True)
+    if not first.all():
+        again = pair.is_in(pair.filter(~first).unique().implode())
+        ranked = tries.filter(again).select(pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32)).to_series()
+        attempt = attempt.scatter(again.arg_true(), ranked)
+    tries = tries.select("seq", attempt=attempt)
+    attempts = attempts.join(tries.lazy(), on="seq", how="left", maintain_order="left").with_columns(
         # C="..." on a remote delivery is the reply to the end of the data; a positive errno
         # without a reply is the connection itself failing (Exim logs no stage for either).
         smtp_stage=pl.coalesce(
@@ -449,7 +666,7 @@ def load(files: list[SourceFile], options) -> "Load":
         ),
     )
 
-    conn_rows = rec.filter(pl.col("category") == "connection")
+    conn_rows = rec.filter(pl.col("category") == "connection").join(details, on="seq", how="left", maintain_order="left")
     ph = pl.col("rest").str.extract_groups(
         r"^(?:H=)?(?:(?P<host>[^\s\[]\S*) \[(?P<ip>[^\]]+)\](?::\d+)?\*?:? )?(?P<text>.*)$"
     )
