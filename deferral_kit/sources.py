@@ -12,12 +12,14 @@ import atexit
 import bz2
 import glob as globmod
 import gzip
+import io
 import lzma
 import os
 import re
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -227,6 +229,50 @@ def discover(inputs: list[str | os.PathLike]) -> list[SourceFile]:
     return out
 
 
+_LINE_CSV = dict(
+    has_header=False,
+    separator="\x00",
+    quote_char=None,
+    encoding="utf8-lossy",
+    new_columns=["line"],
+    schema={"line": pl.String},
+    truncate_ragged_lines=True,
+    empty_string_is_null=False,
+    row_index_name="line_no",
+)
+
+
+def _line_frame(lf, name: str):
+    return lf.select(pl.lit(name).alias("file"), pl.col("line_no").cast(pl.Int64), pl.col("line").fill_null("").str.strip_suffix("\r"))
+
+
+def line_batches(sf: SourceFile, *, batch_bytes: int = 48 << 20) -> Iterator[pl.DataFrame]:
+    """The lines of one file as :func:`scan_lines` gives them (``file, line_no, line``), in
+    frames of about ``batch_bytes`` of text each, read one after the other: memory stays
+    bounded by the batch whatever the file size, and no batch re-reads earlier ones (as a
+    ``slice`` of a scan would)."""
+    with open(sf.readable, "rb") as fh:
+        carry = b""
+        next_no = 1
+        while True:
+            block = fh.read(batch_bytes)
+            if block:
+                buf = carry + block
+                cut = buf.rfind(b"\n") + 1  # whole lines only; the rest waits for the next block
+                if cut == 0:
+                    carry = buf
+                    continue
+                buf, carry = buf[:cut], buf[cut:]
+            else:
+                buf, carry = carry, b""
+                if not buf:
+                    return
+            df = pl.read_csv(io.BytesIO(buf), row_index_offset=next_no, **_LINE_CSV)
+            del buf
+            next_no += df.height
+            yield _line_frame(df.lazy(), sf.name).collect()
+
+
 def scan_lines(files: list[SourceFile]) -> pl.LazyFrame:
     """All lines of ``files`` as a lazy frame ``file, line_no, line``, in file order.
 
@@ -237,26 +283,7 @@ def scan_lines(files: list[SourceFile]) -> pl.LazyFrame:
     for sf in files:
         if sf.readable.stat().st_size == 0:
             continue
-        lf = pl.scan_csv(
-            sf.readable,
-            has_header=False,
-            separator="\x00",
-            quote_char=None,
-            encoding="utf8-lossy",
-            new_columns=["line"],
-            schema={"line": pl.String},
-            truncate_ragged_lines=True,
-            empty_string_is_null=False,
-            row_index_name="line_no",
-            row_index_offset=1,
-        )
-        frames.append(
-            lf.select(
-                pl.lit(sf.name).alias("file"),
-                pl.col("line_no").cast(pl.Int64),
-                pl.col("line").fill_null("").str.strip_suffix("\r"),
-            )
-        )
+        frames.append(_line_frame(pl.scan_csv(sf.readable, row_index_offset=1, **_LINE_CSV), sf.name))
     if not frames:
         return pl.LazyFrame(schema={"file": pl.String, "line_no": pl.Int64, "line": pl.String})
     return pl.concat(frames, how="vertical")

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import zstandard
 
-from deferral_kit.sources import InputError, compression_of, discover, head, rotation_key, scan_lines
+from deferral_kit.sources import InputError, compression_of, discover, head, line_batches, rotation_key, scan_lines
 
 
 def _names(files) -> list[str]:
@@ -126,3 +126,21 @@ def test_compression_of_plain_and_empty_files(tmp_path):
     assert compression_of(tmp_path / "empty") is None
     assert compression_of(tmp_path / "plain") is None
     assert scan_lines(discover([tmp_path / "empty"])).collect().height == 0
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 7, 64, 1 << 20])
+def test_line_batches_give_the_lines_of_scan_lines_whatever_the_block_size(tmp_path, batch_bytes):
+    # blocks cut mid-line, lines longer than a block, CRLF, empty lines, invalid UTF-8, no final newline
+    p = tmp_path / "maillog"
+    p.write_bytes(b"Oct  1 00:00:01 mx postfix/qmgr[7]: A1: removed\r\n\nbad \xff byte\nno newline at the end")
+    sf = discover([p])[0]
+    batches = list(line_batches(sf, batch_bytes=batch_bytes))
+    assert pl.concat(batches).equals(scan_lines([sf]).collect())
+    assert pl.concat(batches)["line_no"].to_list() == [1, 2, 3, 4]
+    # whole lines per batch; the unterminated last line comes on its own once the file ends
+    assert len(batches) == (4 if batch_bytes < 50 else 2)
+
+
+def test_line_batches_of_an_empty_file_are_none(tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    assert list(line_batches(discover([tmp_path / "empty"])[0])) == []
