@@ -237,6 +237,7 @@ _LINE_CSV = dict(
     new_columns=["line"],
     schema={"line": pl.String},
     truncate_ragged_lines=True,
+    extra_columns="ignore",  # a NUL (the separator) in a damaged line: keep the text before it
     empty_string_is_null=False,
     row_index_name="line_no",
 )
@@ -267,6 +268,10 @@ def line_batches(sf: SourceFile, *, batch_bytes: int = 48 << 20) -> Iterator[pl.
                 buf, carry = carry, b""
                 if not buf:
                     return
+            if b"\x00" in buf:
+                # Binary junk: keep the whole line, NULs shown as U+FFFD, so it is counted
+                # (as malformed or skipped) like any other unreadable line.
+                buf = buf.replace(b"\x00", "\ufffd".encode())
             df = pl.read_csv(io.BytesIO(buf), row_index_offset=next_no, **_LINE_CSV)
             del buf
             next_no += df.height

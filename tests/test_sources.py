@@ -144,3 +144,19 @@ def test_line_batches_give_the_lines_of_scan_lines_whatever_the_block_size(tmp_p
 def test_line_batches_of_an_empty_file_are_none(tmp_path):
     (tmp_path / "empty").write_bytes(b"")
     assert list(line_batches(discover([tmp_path / "empty"])[0])) == []
+
+
+def test_lines_with_nul_bytes_are_read_not_fatal(tmp_path):
+    """Binary junk (NUL bytes) inside a log must not stop the read: every line keeps its number."""
+    from deferral_kit.sources import discover, line_batches, scan_lines
+
+    p = tmp_path / "mail.log"
+    p.write_bytes(b"Nov 18 13:02:32 h postfix/smtp[1]: junk\x00\x01 more\x00x\n\x00\x00\x00\nNov 18 13:02:33 h postfix/qmgr[2]: ABC: removed\n")
+    (sf,) = discover([p])
+    batch = pl.concat(list(line_batches(sf)))
+    assert batch["line_no"].to_list() == [1, 2, 3]
+    assert batch["line"][0] == "Nov 18 13:02:32 h postfix/smtp[1]: junk\ufffd\x01 more\ufffdx"
+    assert batch["line"][2].endswith("ABC: removed")
+    scanned = scan_lines([sf]).collect()
+    assert scanned["line_no"].to_list() == [1, 2, 3]
+    assert scanned["line"][0].startswith("Nov 18 13:02:32 h postfix/smtp[1]: junk")
