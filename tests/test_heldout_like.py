@@ -365,9 +365,8 @@ def test_exim_unrouteable_address_is_a_bad_recipient_domain(tmp_path):
     assert a.select(metrics.is_mx_attempt()).item() is False
 
 
-# --- known loader gaps (postfix.py is owned by another engineer): strict xfails to route ------------
+# --- line shapes found by QA: short-precise stamps, container-log prefixes, nameless hosts ----------
 
-@pytest.mark.xfail(strict=True, reason="postfix.py: journalctl -o short-precise stamps ('Mar 14 09:12:44.123456') lose their fraction of a second")
 def test_postfix_short_precise_timestamps_keep_microseconds(tmp_path):
     log = tmp_path / "journal.log"
     log.write_text(
@@ -379,7 +378,7 @@ def test_postfix_short_precise_timestamps_keep_microseconds(tmp_path):
     assert a["ts"].to_list() == [datetime(2025, 3, 14, 9, 12, 44, 123456, tzinfo=timezone.utc)]
 
 
-@pytest.mark.xfail(strict=True, reason="postfix.py: 'docker compose logs' prefix ('mailu-smtp-1  | ') is not recognised; the file fails detection")
+
 def test_postfix_lines_behind_a_docker_compose_prefix_load(tmp_path):
     log = tmp_path / "smtp.log"
     log.write_text(
@@ -393,8 +392,6 @@ def test_postfix_lines_behind_a_docker_compose_prefix_load(tmp_path):
         ("hotmail-com.olc.protection.outlook.com", 451, "4.7.651", "reputation")]
 
 
-@pytest.mark.xfail(strict=True, reason="postfix.py: a reply from a host logged without a name ('host [198.51.100.90] said: 550 5.7.606 ...', "
-                                       "as in anonymised shares such as lightmeter's rbl_test.go) loses smtp_code/stage and gets remote=false")
 def test_postfix_reply_from_a_nameless_host_is_parsed(tmp_path):
     log = tmp_path / "mail.log"
     log.write_text(

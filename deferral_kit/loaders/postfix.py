@@ -67,9 +67,11 @@ INBOUND_DAEMONS = ("smtpd", "postscreen", "dnsblog", "tlsproxy")
 
 _ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)"
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+# ``docker compose logs`` / ``kubectl logs --prefix`` put "container  | " before each line.
+_CONTAINER = r"(?:[\w.-]+ +\| )"
 HEADER_RE = (
-    rf"^(?<hdr>(?:(?<ship>{_ISO}) )?"
-    rf"(?:(?<iso>{_ISO})|(?<mon>{'|'.join(_MONTHS)}) {{1,2}}(?<day>\d{{1,2}}) (?<hms>\d\d:\d\d:\d\d)(?:\.\d+)?)"
+    rf"^(?<hdr>{_CONTAINER}?(?:(?<ship>{_ISO}) )?"
+    rf"(?:(?<iso>{_ISO})|(?<mon>{'|'.join(_MONTHS)}) {{1,2}}(?<day>\d{{1,2}}) (?<hms>\d\d:\d\d:\d\d(?:\.\d+)?))"
     r" (?<host>\S+) (?<prog>[^\s\[]+?)(?:\[\d+\])?: )"
 )
 # syslog_name (instance) is everything before the first '/', the daemon the last component.
@@ -80,7 +82,7 @@ DELIVERY_RE = (
     r"relay=(?<relay>[^,]*), (?<kv>(?:[a-z_]+=[^,]*, )*?)dsn=(?<dsn>[245]\.\d{1,3}\.\d{1,3}), "
     r"status=(?<status>[A-Za-z-]+) \((?<rsn>.*)\)$"
 )
-_HOSTIP = r"(?<{h}>[^\s\[\]]+)\[(?<{i}>[^\]]*)\]"
+_HOSTIP = r"(?<{h}>[^\s\[\]]*)\[(?<{i}>[^\]]*)\]"  # the name may be missing in anonymised logs
 # The reason of a record, or the text of a per-connection line after "QID: ".  The reply
 # may contain parentheses (Microsoft "(S844)"), so "(in reply to … command)" is matched
 # only as the very end.
@@ -111,7 +113,7 @@ _CATEGORY = pl.Enum(["attempt", "connection", "context", "skipped", "duplicate",
 def sniff(text: str) -> bool:
     """True when a line of ``text`` is a Postfix syslog/RFC 3339/journald line."""
     return re.search(
-        rf"(?m)^(?:{_ISO} )?(?:{_ISO}|[A-Z][a-z]{{2}} {{1,2}}\d{{1,2}} \d\d:\d\d:\d\d(?:\.\d+)?) \S+ postfix[^/\s]*/(?:[^/\s]+/)*[^/\s\[]+\[\d+\]: ",
+        rf"(?m)^{_CONTAINER}?(?:{_ISO} )?(?:{_ISO}|[A-Z][a-z]{{2}} {{1,2}}\d{{1,2}} \d\d:\d\d:\d\d(?:\.\d+)?) \S+ postfix[^/\s]*/(?:[^/\s]+/)*[^/\s\[]+\[\d+\]: ",
         text,
     ) is not None
 
@@ -125,7 +127,7 @@ def _last_syslog_month(sf: SourceFile) -> int | None:
     with open(path, "rb") as fh:
         fh.seek(max(0, size - 262144))
         tail = fh.read().decode("utf-8", errors="replace")
-    found = re.findall(rf"(?m)^(?:{_ISO} )?({'|'.join(_MONTHS)}) {{1,2}}\d{{1,2}} \d\d:\d\d:\d\d", tail)
+    found = re.findall(rf"(?m)^{_CONTAINER}?(?:{_ISO} )?({'|'.join(_MONTHS)}) {{1,2}}\d{{1,2}} \d\d:\d\d:\d\d", tail)
     return _MONTHS.index(found[-1]) + 1 if found else None
 
 
@@ -150,6 +152,8 @@ def _syslog_ts(end_year: int, last_month: int | None, tz: str) -> pl.Expr:
         pl.col("hms").str.slice(0, 2).cast(pl.Int32),
         pl.col("hms").str.slice(3, 2).cast(pl.Int32),
         pl.col("hms").str.slice(6, 2).cast(pl.Int32),
+        # journalctl -o short-precise writes "HH:MM:SS.ffffff"
+        pl.col("hms").str.slice(9, 6).str.pad_end(6, "0").cast(pl.Int32, strict=False).fill_null(0),
         time_unit="us",
     )
     if tz == "UTC":
