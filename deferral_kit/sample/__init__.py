@@ -1,7 +1,7 @@
 """Generated mail worlds with known truth, and writers that render them as real MTA logs.
 
 ``generate(WorldConfig(...)) -> World`` simulates one format-independent world;
-``write(world, fmt, out_dir)`` renders it as postfix, exim, powermta, kumomta or sendgrid
+``write(world, fmt, out_dir)`` renders it as postfix, exim, powermta, kumomta, exchange, sendgrid, mailgun, ses, sparkpost or postmark
 files; ``cli(args)`` backs ``deferral-kit sample``.
 """
 

@@ -2,7 +2,8 @@
 
 Each writer module has ``write(world, out_dir, *, rotate, gzip_old, ...) -> list[Path]``.
 Local Postfix suspensions (``postfix/error``) exist only in the Postfix output; the other
-formats have no equivalent record.
+formats have no equivalent record.  Queue expiry is written by Postfix, Exim, PowerMTA,
+KumoMTA, Exchange and Mailgun; SendGrid, SES, SparkPost and Postmark exports have no record for it here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib
 import json
 from pathlib import Path
 
-FORMATS = ("postfix", "exim", "powermta", "kumomta", "sendgrid")
+FORMATS = ("postfix", "exim", "powermta", "kumomta", "sendgrid", "exchange", "mailgun", "ses", "sparkpost", "postmark")
 
 
 def write(world, fmt: str, out_dir, *, rotate: bool = True, gzip_old: bool = True, **kw) -> list[Path]:
@@ -67,4 +68,6 @@ def cli(args) -> int:
 
 
 # The log files of each format (the output folder also holds truth.json).
-_GLOBS = {"postfix": "mail.log*", "exim": "mainlog*", "powermta": "acct-*.csv", "kumomta": "2*-*", "sendgrid": "sendgrid-events*.jsonl"}
+_GLOBS = {"postfix": "mail.log*", "exim": "mainlog*", "powermta": "acct-*.csv", "kumomta": "2*-*", "sendgrid": "sendgrid-events*.jsonl",
+          "exchange": "MSGTRK*.LOG", "mailgun": "mailgun-events*.jsonl", "ses": "ses-events-*", "sparkpost": "sparkpost-events*.jsonl",
+          "postmark": "postmark-webhooks*.jsonl"}
