@@ -162,7 +162,7 @@ M365_UNKNOWN = Reply(550, "5.4.1", "550 5.4.1 Recipient address rejected: Access
 EXCHANGE_RELAY_CAPACITY = Reply(
     452, "4.3.1",
     "452 4.3.1 Insufficient system resources (UsedDiskSpace[C:\\Program Files\\Microsoft\\Exchange Server\\V15\\TransportRoles\\data\\Queue])",
-    "MAIL FROM", "deferred", "capacity",
+    "MAIL FROM", "deferred", "local",  # our own relay's back pressure: sender-side, as classify.py decides
 )
 
 GMAIL_RATE = Reply(

@@ -83,7 +83,7 @@ _KIND_REPLY = {
     "rate_limit": catalog.GMAIL_UNSOLICITED,
     "sender_relay": catalog.EXCHANGE_RELAY_CAPACITY,
 }
-_KIND_CLASS = {"capacity": "capacity", "reputation": "reputation", "rate_limit": "rate_limit", "sender_relay": "capacity", "custom": "other"}
+_KIND_CLASS = {"capacity": "capacity", "reputation": "reputation", "rate_limit": "rate_limit", "sender_relay": "local", "custom": "other"}
 
 
 @dataclass
