@@ -14,6 +14,7 @@ import glob as globmod
 import gzip
 import io
 import lzma
+import mmap
 import os
 import re
 import shutil
@@ -243,39 +244,47 @@ _LINE_CSV = dict(
 )
 
 
-def _line_frame(lf, name: str):
-    return lf.select(pl.lit(name).alias("file"), pl.col("line_no").cast(pl.Int64), pl.col("line").fill_null("").str.strip_suffix("\r"))
+def _line_frame(lf, name: str, *, cr: bool = True):
+    line = pl.col("line").fill_null("")
+    return lf.select(pl.lit(name).alias("file"), pl.col("line_no").cast(pl.Int64), line.str.strip_suffix("\r") if cr else line)
 
 
 def line_batches(sf: SourceFile, *, batch_bytes: int = 48 << 20) -> Iterator[pl.DataFrame]:
     """The lines of one file as :func:`scan_lines` gives them (``file, line_no, line``), in
     frames of about ``batch_bytes`` of text each, read one after the other: memory stays
     bounded by the batch whatever the file size, and no batch re-reads earlier ones (as a
-    ``slice`` of a scan would)."""
-    with open(sf.readable, "rb") as fh:
-        carry = b""
-        next_no = 1
-        while True:
-            block = fh.read(batch_bytes)
-            if block:
-                buf = carry + block
-                cut = buf.rfind(b"\n") + 1  # whole lines only; the rest waits for the next block
-                if cut == 0:
-                    carry = buf
-                    continue
-                buf, carry = buf[:cut], buf[cut:]
-            else:
-                buf, carry = carry, b""
-                if not buf:
-                    return
+    ``slice`` of a scan would).  The file is memory-mapped, so a block is copied once."""
+    path = sf.readable
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        start, next_no = 0, 1
+        while start < size:
+            end = min(start + batch_bytes, size)
+            if end < size:
+                # whole lines only: cut after the block's last newline, or after the end of a
+                # line longer than the block
+                nl = mm.rfind(b"\n", start, end)
+                if nl < 0:
+                    nl = mm.find(b"\n", end)
+                end = size if nl < 0 else nl + 1
+            buf = mm[start:end]
+            # The mapped pages count as this process's memory until released: drop the ones
+            # read (they stay in the page cache), so memory stays bounded by the block.
+            done = end - end % mmap.PAGESIZE
+            if done > start - start % mmap.PAGESIZE:
+                mm.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE, done - (start - start % mmap.PAGESIZE))
+            start = end
             if b"\x00" in buf:
                 # Binary junk: keep the whole line, NULs shown as U+FFFD, so it is counted
                 # (as malformed or skipped) like any other unreadable line.
                 buf = buf.replace(b"\x00", "\ufffd".encode())
-            df = pl.read_csv(io.BytesIO(buf), row_index_offset=next_no, **_LINE_CSV)
+            df = pl.read_csv(buf, row_index_offset=next_no, **_LINE_CSV)
+            cr = b"\r" in buf
             del buf
             next_no += df.height
-            yield _line_frame(df.lazy(), sf.name).collect()
+            yield _line_frame(df.lazy(), sf.name, cr=cr).collect()
 
 
 def scan_lines(files: list[SourceFile]) -> pl.LazyFrame:

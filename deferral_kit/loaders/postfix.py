@@ -49,7 +49,11 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -140,20 +144,20 @@ def _end_year(sf: SourceFile, options: LoadOptions, last_month: int | None) -> i
     return mtime.year
 
 
-def _syslog_ts(end_year: int, last_month: int | None, tz: str) -> pl.Expr:
-    month = pl.col("mon")  # already a month number
+def _syslog_ts(end_year: int, last_month: int | None, tz: str, *, mon: pl.Expr, day: pl.Expr, hms: pl.Expr) -> pl.Expr:
+    """UTC instant of a year-less syslog stamp from its month number, day and ``HH:MM:SS[.ffffff]``."""
     year = pl.lit(end_year, pl.Int32)
     if last_month is not None:
-        year = pl.when(month > last_month).then(year - 1).otherwise(year)
+        year = pl.when(mon > last_month).then(year - 1).otherwise(year)
     naive = pl.datetime(
         year,
-        month,
-        pl.col("day").cast(pl.Int32),
-        pl.col("hms").str.slice(0, 2).cast(pl.Int32),
-        pl.col("hms").str.slice(3, 2).cast(pl.Int32),
-        pl.col("hms").str.slice(6, 2).cast(pl.Int32),
+        mon,
+        day.cast(pl.Int32),
+        hms.str.slice(0, 2).cast(pl.Int32),
+        hms.str.slice(3, 2).cast(pl.Int32),
+        hms.str.slice(6, 2).cast(pl.Int32),
         # journalctl -o short-precise writes "HH:MM:SS.ffffff"
-        pl.col("hms").str.slice(9, 6).str.pad_end(6, "0").cast(pl.Int32, strict=False).fill_null(0),
+        hms.str.slice(9, 6).str.pad_end(6, "0").cast(pl.Int32, strict=False).fill_null(0),
         time_unit="us",
     )
     if tz == "UTC":
@@ -167,13 +171,16 @@ def _syslog_ts(end_year: int, last_month: int | None, tz: str) -> pl.Expr:
     ).dt.convert_time_zone("UTC")
 
 
-def _iso_ts(col: str) -> pl.Expr:
+def _iso_ts(stamp: pl.Expr) -> pl.Expr:
     return (
-        pl.col(col)
-        .str.replace(r"Z$", "+00:00")
+        stamp.str.replace(r"Z$", "+00:00")
         .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", strict=False)
         .dt.convert_time_zone("UTC")
     )
+
+
+def _month_number(name: pl.Expr) -> pl.Expr:
+    return name.replace_strict(list(_MONTHS), list(range(1, 13)), default=None, return_dtype=pl.Int32)
 
 
 # Fixed-shape headers (syslog "Mmm dd HH:MM:SS host prog[pid]: " and RFC 3339 "stamp host prog[pid]: ")
@@ -188,46 +195,77 @@ def _bslice(s: pl.Expr, start, length=None) -> pl.Expr:
     return s.cast(pl.Binary).bin.slice(start, length).cast(pl.String)
 
 
-def _file_lines(lf: pl.LazyFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str) -> pl.LazyFrame:
-    """Header fields of the lines (``line_no, line``) of file ``fidx``: fidx, line_no, line, ts,
-    host, prog, msg."""
+def _fast_ts(end_year: int, last_month: int | None, tz: str) -> pl.Expr:
+    """Timestamp of a line whose header has the fixed shape (``_fast``), from its first bytes."""
     line = pl.col("line")
-    hdr = pl.col("_hdr")
-    fast = pl.col("_fast")
-    iso = pl.col("_iso")
+    syslog = pl.when(~pl.col("_iso")).then(line)
+    return pl.coalesce(
+        _iso_ts(pl.when(pl.col("_iso")).then(line.str.head(pl.col("_se")))),
+        _syslog_ts(
+            end_year, last_month, tz,
+            mon=_month_number(syslog.str.slice(0, 3)), day=syslog.str.slice(4, 2).str.strip_chars_start(), hms=syslog.str.slice(7, 8),
+        ),
+    )
+
+
+def _header(lf: pl.LazyFrame, *, end_year: int, last_month: int | None, tz: str) -> pl.LazyFrame:
+    """Header fields of lines (``line_no, line``): line_no, line, host, prog, msg, and the
+    timestamp (``ts`` for odd shapes; ``_fast, _iso, _se`` to compute it for the others).
+
+    Fixed-shape headers (syslog ``Mmm dd HH:MM:SS host tag[pid]: `` and RFC 3339
+    ``stamp host tag[pid]: ``) are cut at the offsets of literal searches: the header of such
+    a line is ASCII, so its byte offsets are character offsets.  Only other shapes (shipper
+    prefix, fractional syslog seconds, single-space days, container prefixes) pay for the
+    capture regex, about ten times slower; its columns are null on the other lines."""
+    line = pl.col("line")
+    c = pl.col
     # (each intermediate is its own column: the engine would otherwise recompute shared
     # sub-expressions once per use)
     # the header ends at the first ": " (no stamp, host or tag holds one)
-    lf = lf.select(pl.lit(fidx, pl.Int32).alias("fidx"), "line_no", "line", line.str.splitn(": ", 2).alias("_sp"))
+    lf = lf.with_columns(line.str.find(": ", literal=True).cast(pl.Int64).alias("_p"))
+    lf = lf.with_columns(line.str.head(c("_p")).str.contains(_FAST_HDR_RE).fill_null(False).alias("_fast"), (line.str.slice(4, 1) == "-").alias("_iso"))
+    # the stamp ends after 15 characters (syslog) or at the first space (RFC 3339)
+    lf = lf.with_columns(pl.when(c("_iso")).then(line.str.find(" ", literal=True).cast(pl.Int64)).otherwise(15).alias("_se"))
+    lf = lf.with_columns(pl.when(c("_fast")).then(line).str.slice(c("_se") + 1).alias("_rest"), pl.when(~c("_fast")).then(line).str.extract_groups(HEADER_RE).alias("_h"))
+    lf = lf.with_columns(c("_rest").str.find(" ", literal=True).cast(pl.Int64).alias("_hs"))
     lf = lf.with_columns(
-        pl.when(pl.col("_sp").struct.field("field_1").is_not_null()).then(pl.col("_sp").struct.field("field_0")).alias("_hdr"),
-        pl.col("_sp").struct.field("field_1").alias("_msg"),
-    ).drop("_sp")
-    lf = lf.with_columns(hdr.str.contains(_FAST_HDR_RE).fill_null(False).alias("_fast"), (hdr.str.slice(4, 1) == "-").fill_null(False).alias("_iso"))
-    lf = lf.with_columns(pl.when(fast & iso).then(hdr.str.find(" ", literal=True)).alias("_iso_end"))
-    lf = lf.with_columns(
-        # host and tag start after the stamp: 15 characters for syslog, the first space for RFC 3339
-        # (the stamp is ASCII, so its byte length from str.find is its length in characters)
-        pl.when(fast).then(hdr).str.slice(pl.col("_iso_end").fill_null(15) + 1).str.splitn(" ", 2).alias("_ht"),
-        pl.when(~fast).then(line).str.extract_groups(HEADER_RE).alias("h"),
-        pl.when(fast & ~iso).then(hdr.str.slice(0, 3)).alias("_mon"),
-    ).unnest("h")
-    syslog = fast & ~iso
-    lf = lf.select(
-        "fidx",
+        c("_rest").str.head(c("_hs")).alias("_host"),
+        c("_rest").str.slice(c("_hs") + 1, pl.when(c("_fast")).then(c("_p") - c("_se") - c("_hs") - 2)).alias("_tag"),
+    )
+    lf = lf.with_columns(c("_tag").str.find("[", literal=True).alias("_b"))
+    h = c("_h").struct.field
+    return lf.select(
         "line_no",
         "line",
-        pl.when(fast).then(pl.col("_ht").struct.field("field_0")).otherwise(pl.col("host")).alias("host"),
-        pl.when(fast).then(pl.col("_ht").struct.field("field_1").str.splitn("[", 2).struct.field("field_0")).otherwise(pl.col("prog")).alias("prog"),
-        pl.when(fast).then(pl.col("_msg")).otherwise(_bslice(pl.when(~fast).then(line), pl.col("hdr").str.len_bytes())).alias("msg"),
-        "ship",
-        pl.when(fast).then(hdr.str.head(pl.col("_iso_end"))).otherwise(pl.col("iso")).alias("iso"),
-        pl.coalesce(pl.col("_mon"), pl.col("mon")).replace_strict(list(_MONTHS), list(range(1, 13)), default=None, return_dtype=pl.Int32).alias("mon"),
-        pl.when(syslog).then(hdr.str.slice(4, 2).str.strip_chars_start()).otherwise(pl.col("day")).alias("day"),
-        pl.when(syslog).then(hdr.str.slice(7, 8)).otherwise(pl.col("hms")).alias("hms"),
+        pl.when(c("_fast")).then(c("_host")).otherwise(h("host")).alias("host"),
+        pl.when(~c("_fast")).then(h("prog")).when(c("_b").is_null()).then(c("_tag")).otherwise(c("_tag").str.head(c("_b"))).alias("prog"),
+        pl.when(c("_fast")).then(line.str.slice(c("_p") + 2)).otherwise(_bslice(pl.when(~c("_fast")).then(line), h("hdr").str.len_bytes())).alias("msg"),
+        "_fast",
+        "_iso",
+        "_se",
+        pl.coalesce(
+            _iso_ts(h("ship")),
+            _iso_ts(h("iso")),
+            _syslog_ts(end_year, last_month, tz, mon=_month_number(h("mon")), day=h("day"), hms=h("hms")),
+        ).alias("ts"),
     )
-    lf = lf.with_columns(pl.coalesce(_iso_ts("ship"), _iso_ts("iso"), _syslog_ts(end_year, last_month, tz)).alias("ts"))
-    return lf.drop("ship", "iso", "mon", "day", "hms")
+
+
+# syslog_name (instance) "postfix…" and one daemon, ASCII: cut at the '/'; other tags go through PROG_RE
+_SIMPLE_PROG_RE = r"^postfix[!-.0-~]*/[!-.0-~]+$"
+
+
+def _instance_daemon(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """``instance`` and ``daemon`` from the syslog tag (see :data:`PROG_RE`), and
+    ``egress_ip`` from an instance named after an address."""
+    prog = pl.col("prog")
+    lf = lf.with_columns(prog.str.contains(_SIMPLE_PROG_RE).fill_null(False).alias("_simple"), prog.str.find("/", literal=True).alias("_s"))
+    nested = pl.when(~pl.col("_simple")).then(prog).str.extract_groups(PROG_RE)
+    lf = lf.with_columns(
+        pl.when(pl.col("_simple")).then(prog.str.head(pl.col("_s"))).otherwise(nested.struct.field("instance")).alias("instance"),
+        pl.when(pl.col("_simple")).then(prog.str.slice(pl.col("_s") + 1)).otherwise(nested.struct.field("daemon")).alias("daemon"),
+    )
+    return lf.with_columns(pl.col("instance").str.extract(EGRESS_INSTANCE_RE, 1).alias("egress_ip")).drop("_simple", "_s")
 
 
 def _stage(expr_cmd: pl.Expr) -> pl.Expr:
@@ -279,25 +317,6 @@ def _reason_fields() -> list[pl.Expr]:
     ]
 
 
-def _instance_daemon(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """``instance`` and ``daemon`` from the syslog tag (see :data:`PROG_RE`); tags with more
-    than one ``/`` (``postfix/submission/smtpd``) go through the regex."""
-    prog = pl.col("prog")
-    parts = pl.col("_parts")
-    # (intermediate columns are materialised: the engine would otherwise compute shared
-    # sub-expressions once per use)
-    lf = lf.with_columns(prog.str.splitn("/", 2).alias("_parts"))
-    lf = lf.with_columns(parts.struct.field("field_0").alias("_head"), parts.struct.field("field_1").alias("_after"))
-    after = pl.col("_after")
-    simple = prog.str.starts_with("postfix") & (after.str.len_bytes() > 0) & ~after.str.contains("/", literal=True)
-    lf = lf.with_columns(simple.fill_null(False).alias("_simple"))
-    nested = pl.when(~pl.col("_simple") & after.is_not_null()).then(prog).str.extract_groups(PROG_RE)
-    return lf.with_columns(
-        pl.when(pl.col("_simple")).then(pl.col("_head")).otherwise(nested.struct.field("instance")).alias("instance"),
-        pl.when(pl.col("_simple")).then(after).otherwise(nested.struct.field("daemon")).alias("daemon"),
-    ).drop("_parts", "_head", "_after", "_simple")
-
-
 def _delivery_fields(lf: pl.LazyFrame, d: pl.Expr) -> pl.LazyFrame:
     """Fields of the delivery records in ``d`` (the message, null on other lines), as
     :data:`DELIVERY_RE` would capture them: queue_id, to, orig, relay, kv, dsn, status, rsn.
@@ -321,39 +340,111 @@ def _delivery_fields(lf: pl.LazyFrame, d: pl.Expr) -> pl.LazyFrame:
 
 
 _CONTEXT_KINDS = ("qmgr_from", "expired", "removed", "message_id")
+KINDS = pl.Enum(["dup", "nohdr", "other_prog", "delivery", "warning", "qmgr_from", "expired", "removed", "message_id", "conn", "other"])
 
 
-def _parsed_batch(lines: pl.LazyFrame, dup_hashes: pl.DataFrame | None) -> pl.DataFrame:
-    """:func:`_compact` rows of a batch of lines.  Every expression costs per row, null or
-    not, so each kind of line only goes through the parsing it needs: delivery records and
-    connection events (about 15 %) through the field parsing, context lines through the
-    context fields, and the rest (smtpd, opendkim, TLS chatter, ...) only get their category
-    and reason.  Each step is collected on its own: one plan of all the steps runs slower.
-    Rows come grouped by those three parts, each in line order."""
-    base = _kind(_with_daemon_and_dups(lines.collect().lazy(), dup_hashes)).collect()
-    kind = pl.col("kind")
-    no_fields = [pl.lit(None, pl.String).alias("status"), pl.lit(None, pl.String).alias("event")]
-    rec = _records_fields(base.lazy().filter(kind.is_in(("delivery", "conn")))).collect()
-    ctx = _context(base.lazy().filter(kind.is_in(_CONTEXT_KINDS)).with_columns(*no_fields, pl.lit(None, pl.String).alias("queue_id"))).collect()
-    rest = base.lazy().filter(~kind.is_in(("delivery", "conn", *_CONTEXT_KINDS))).with_columns(no_fields)
-    return pl.concat(
-        [_compact(_category(rec.lazy())), _compact(_category(ctx.lazy())), _compact(_category(rest))],
-        how="diagonal",
+def _with_dups(lf: pl.LazyFrame, fidx: int, dup_hashes: pl.DataFrame | None) -> pl.LazyFrame:
+    if dup_hashes is None:
+        return lf.with_columns(pl.lit(False).alias("_dup"))
+    return (
+        lf.with_columns(pl.col("line").hash().alias("_hash"))
+        .join(dup_hashes.lazy(), on="_hash", how="left", maintain_order="left")
+        .with_columns((pl.col("_first").is_not_null() & (fidx > pl.col("_first"))).alias("_dup"))
+        .drop("_hash", "_first")
+    )
+
+
+@dataclass
+class _Batch:
+    """One parsed batch: record lines (deliveries and connection events), context lines, and
+    the accounting of all its lines."""
+
+    records: pl.DataFrame
+    context: pl.DataFrame
+    counts: pl.DataFrame
+    examples: pl.DataFrame
+
+
+def _lines(lines: pl.LazyFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str, dup_hashes: pl.DataFrame | None) -> pl.LazyFrame:
+    """Header, instance, daemon and ``kind`` of each line (``line_no, line``)."""
+    hdr = _header(lines, end_year=end_year, last_month=last_month, tz=tz).collect()
+    # A batch has a few dozen distinct tags: each is parsed once, and its fields gathered by
+    # the tag's index (cheaper than a join).
+    progs = _instance_daemon(hdr.lazy().select(pl.col("prog").drop_nulls().unique())).collect()
+    idx = hdr.get_column("prog").cast(pl.Enum(progs.get_column("prog"))).to_physical()
+    lf = hdr.lazy().with_columns(progs.get_column(name).gather(idx) for name in ("instance", "daemon", "egress_ip"))
+    return _kind(_with_dups(lf, fidx, dup_hashes)).with_columns(pl.lit(fidx, pl.Int32).alias("fidx"))
+
+
+def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str) -> _Batch:
+    """Records, context and accounting of a batch of :func:`_lines`.  Every expression costs
+    per row, null or not, so each kind of line only goes through the parsing it needs:
+    delivery records and connection events (about 15 %) through the field parsing, context
+    lines (qmgr ``from=``, ``message-id=``, ``removed``) through theirs, and the rest
+    (smtpd, opendkim, TLS chatter, ...) are only counted, per tag and kind."""
+    c = pl.col
+    kind = c("kind")
+    ts = pl.when(c("_fast")).then(_fast_ts(end_year, last_month, tz)).otherwise(c("ts")).alias("ts")
+
+    rec = lines.lazy().filter(kind.is_in(("delivery", "conn"))).with_columns(ts)
+    rec = _category(_records_fields(rec)).collect()
+    ctx = lines.lazy().filter(kind.is_in(_CONTEXT_KINDS))
+    # only expiry lines need their time
+    ctx = ctx.with_columns(pl.when(kind == "expired").then(c("line")).alias("line"), pl.when(kind == "expired").then(c("ts")).alias("ts"))
+    ctx = _category(_context(ctx.with_columns(ts))).collect()
+    rest = _category(
+        lines.lazy()
+        .filter(~kind.is_in(("delivery", "conn", *_CONTEXT_KINDS)))
+        .with_columns(_rest_flags())
+        .group_by("kind", "_prog", "daemon", "_tls", "_nh")
+        .agg(pl.len().cast(pl.Int64).alias("lines"), c("line_no").bottom_k(EXAMPLES_PER_REASON).alias("_ex"))
+        .rename({"_prog": "prog"})
+        .with_columns(pl.lit(None, pl.String).alias("status"), pl.lit(None, pl.String).alias("event"))
     ).collect()
 
+    acc_cols = [pl.lit(fidx, pl.Int32).alias("fidx"), "category", c("reason").cast(pl.Categorical).alias("acc_reason")]
+    counts = pl.concat(
+        [
+            rest.select(*acc_cols, "lines"),
+            *(f.group_by("category", "reason").agg(pl.len().cast(pl.Int64).alias("lines")).select(*acc_cols, "lines") for f in (rec, ctx)),
+        ]
+    )
+    shown = c("category").is_in(["malformed", "skipped", "duplicate"])
+    ex_lines = pl.concat(
+        [
+            rest.filter(shown).select(*acc_cols, c("_ex").alias("line_no")).explode("line_no"),
+            rec.filter(shown).group_by("category", "reason").agg(c("line_no").bottom_k(EXAMPLES_PER_REASON)).select(*acc_cols, "line_no").explode("line_no"),
+        ]
+    )
+    texts = lines.lazy().filter(c("line_no").is_in(ex_lines["line_no"].implode())).select("line_no", c("line").alias("text")).collect()
+    # A copy: the texts are views into the batch's buffer, which they would otherwise keep alive.
+    texts = pl.DataFrame({"line_no": texts["line_no"], "text": texts["text"].to_list()}, schema=texts.schema)
+    examples = ex_lines.join(texts, on="line_no", how="left")
+    keep = c("category").is_in(["attempt", "connection"])
+    return _Batch(
+        records=rec.lazy().filter(keep).select(*_record_columns(_REC_COLS)).collect(),
+        context=ctx.lazy().select(*_record_columns(_CTX_COLS)).collect(),
+        counts=counts,
+        examples=examples,
+    )
 
-def _with_daemon_and_dups(lines: pl.LazyFrame, dup_hashes: pl.DataFrame | None) -> pl.LazyFrame:
-    lf = _instance_daemon(lines)
-    if dup_hashes is not None:
-        lf = (
-            lf.with_columns(pl.col("line").hash().alias("_hash"))
-            .join(dup_hashes.lazy(), on="_hash", how="left", maintain_order="left")
-            .with_columns((pl.col("_first").is_not_null() & (pl.col("fidx") > pl.col("_first"))).alias("_dup"))
-            .drop("_hash", "_first")
-        )
-    else:
-        lf = lf.with_columns(pl.lit(False).alias("_dup"))
-    return lf
+
+def _rest_flags() -> list[pl.Expr]:
+    """What the reason of a line that is neither record nor context depends on, besides its
+    kind and daemon: ``_prog`` (other programs), ``_tls`` (smtp TLS chatter), ``_nh`` (what a
+    line without a syslog header looks like)."""
+    kind = pl.col("kind")
+    nohdr = pl.when(kind == "nohdr").then(pl.col("line"))
+    return [
+        pl.when(kind == "other_prog").then(pl.col("prog").str.slice(0, 40)).alias("_prog"),
+        pl.when(kind == "other").then(pl.col("daemon")).alias("daemon"),
+        pl.when((kind == "other") & pl.col("daemon").is_in(("smtp", "lmtp"))).then(pl.col("msg"))
+        .str.contains("TLS connection established", literal=True).fill_null(False).alias("_tls"),
+        pl.when(nohdr.str.contains(r"^\s*$")).then(pl.lit("empty"))
+        .when(nohdr.str.contains(r"status=|to=<|relay=|dsn=| said: |\(in reply to")).then(pl.lit("fragment"))
+        .when(kind == "nohdr").then(pl.lit("nohdr"))
+        .alias("_nh"),
+    ]
 
 
 def _kind(lf: pl.LazyFrame) -> pl.LazyFrame:
@@ -373,13 +464,14 @@ def _kind(lf: pl.LazyFrame) -> pl.LazyFrame:
         .when(pl.col("msg").is_null()).then(pl.lit("nohdr"))
         .when(~is_pf).then(pl.lit("other_prog"))
         .when(is_delivery & (daemon.is_in(DELIVERY_AGENTS) | (daemon == "qmgr"))).then(pl.lit("delivery"))
-        .when(pf_msg.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:warning|fatal|error|panic|info): ")).then(pl.lit("warning"))
+        .when(pl.when(pf_msg.str.contains_any(["warning: ", "fatal: ", "error: ", "panic: ", "info: "])).then(msg).str.contains(r"^(?:[0-9A-Za-z]+: )?(?:warning|fatal|error|panic|info): ")).then(pl.lit("warning"))
         .when(qmgr_msg.str.contains(r"^[0-9A-Za-z]+: from=<[^>]*>, size=\d+")).then(pl.lit("qmgr_from"))
         .when(qmgr_msg.str.contains(r"^[0-9A-Za-z]+: from=<[^>]*>, status=(?:force-)?expired")).then(pl.lit("expired"))
         .when(qmgr_msg.str.contains(r"^[0-9A-Za-z]+: removed$")).then(pl.lit("removed"))
         .when(pl.when(daemon == "cleanup").then(msg).str.contains(r"^[0-9A-Za-z]+: message-id=")).then(pl.lit("message_id"))
         .when(smtp_msg.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:host \S+ (?:said: |refused to talk to me)|connect to |lost connection with |conversation with |SASL authentication failed|certificate verification failed|SSL_connect error|TLS is required|Server certificate not verified)")).then(pl.lit("conn"))
         .otherwise(pl.lit("other"))
+        .cast(KINDS)
     )
     return lf
 
@@ -404,81 +496,89 @@ def _records_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _context(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Queue id, sender, size and message-id of the context lines."""
+    """Queue id, sender, size and message-id of the context lines (their shapes were checked
+    by :func:`_kind`, so the fields are cut at literal offsets)."""
     msg = pl.col("msg")
-    ctx_q = pl.col("kind").is_in(("qmgr_from", "expired", "removed", "message_id"))
-    lf = lf.with_columns(
-        pl.when(ctx_q).then(msg).str.extract(r"^([0-9A-Za-z]+): ", 1).fill_null(pl.col("queue_id")).alias("queue_id"),
-        pl.when(pl.col("kind").is_in(("qmgr_from", "expired"))).then(msg).str.extract(r": from=<([^>]*)>", 1).alias("sender"),
-        pl.when(pl.col("kind") == "qmgr_from").then(msg).str.extract(r", size=(\d+)", 1).cast(pl.Int64).alias("size"),
-        pl.when(pl.col("kind") == "message_id").then(msg).str.extract(r": message-id=(.*)$", 1).alias("message_id"),
-    )
-    return lf
+    kind = pl.col("kind")
+    q = msg.str.find(": ", literal=True)
+    lf = lf.with_columns(msg.str.head(q).alias("queue_id"), msg.str.slice(q + 2).alias("_body"))
+    body = pl.col("_body")
+    # "from=<SENDER>, size=N, ..." and "from=<SENDER>, status=expired, ...": the sender holds no '>'
+    frm = pl.when(kind.is_in(("qmgr_from", "expired"))).then(body)
+    return lf.with_columns(
+        _bslice(frm, 6, frm.str.find(">", literal=True) - 6).alias("sender"),
+        pl.when(kind == "qmgr_from").then(body).str.extract(r", size=(\d+)", 1).cast(pl.Int64).alias("size"),
+        pl.when(kind == "message_id").then(body).str.slice(11).alias("message_id"),
+    ).drop("_body")
 
 
 def _category(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """Accounting ``category`` and ``reason`` of each line."""
+    """Accounting ``category`` and ``reason`` of each line (or group of lines: see
+    :func:`_rest_flags` for the columns the other lines are grouped by)."""
+    have = lf.collect_schema().names()
+    lf = lf.with_columns(pl.lit(None, pl.String).alias(n) for n in ("_nh", "status", "event") if n not in have)
+    lf = lf.with_columns(pl.lit(False).alias("_tls")) if "_tls" not in have else lf
+    kind = pl.col("kind")
     daemon = pl.col("daemon")
-    smtp_msg = pl.when(daemon.is_in(("smtp", "lmtp")) & (pl.col("kind") != "delivery")).then(pl.col("msg"))
     status = pl.col("status")
-    nohdr_line = pl.when(pl.col("kind") == "nohdr").then(pl.col("line"))
+    nh = pl.col("_nh")
     category = (
-        pl.when(pl.col("kind") == "dup").then(pl.lit("duplicate"))
-        .when(pl.col("kind") == "nohdr").then(pl.when(nohdr_line.str.contains(r"^\s*$")).then(pl.lit("skipped")).otherwise(pl.lit("malformed")))
-        .when(pl.col("kind") == "delivery").then(
+        pl.when(kind == "dup").then(pl.lit("duplicate"))
+        .when(kind == "nohdr").then(pl.when(nh == "empty").then(pl.lit("skipped")).otherwise(pl.lit("malformed")))
+        .when(kind == "delivery").then(
             pl.when(status.is_null()).then(pl.lit("malformed"))
             .when(status.is_in(PROBE_STATUSES)).then(pl.lit("skipped"))
             .when(status.is_in(list(STATUS_OUTCOME))).then(pl.lit("attempt"))
             .otherwise(pl.lit("skipped"))
         )
-        .when(pl.col("kind") == "conn").then(pl.when(pl.col("event").is_not_null()).then(pl.lit("connection")).otherwise(pl.lit("skipped")))
-        .when(pl.col("kind").is_in(("qmgr_from", "expired", "removed", "message_id"))).then(pl.lit("context"))
+        .when(kind == "conn").then(pl.when(pl.col("event").is_not_null()).then(pl.lit("connection")).otherwise(pl.lit("skipped")))
+        .when(kind.is_in(_CONTEXT_KINDS)).then(pl.lit("context"))
         .otherwise(pl.lit("skipped"))
     )
     reason = (
-        pl.when(pl.col("kind") == "dup").then(pl.lit("identical line in an earlier file"))
-        .when(pl.col("kind") == "nohdr").then(
-            pl.when(nohdr_line.str.contains(r"^\s*$")).then(pl.lit("empty line"))
-            .when(pl.when(pl.col("kind") == "nohdr").then(pl.col("line")).str.contains(r"status=|to=<|relay=|dsn=| said: |\(in reply to")).then(pl.lit("fragment of a wrapped record"))
+        pl.when(kind == "dup").then(pl.lit("identical line in an earlier file"))
+        .when(kind == "nohdr").then(
+            pl.when(nh == "empty").then(pl.lit("empty line"))
+            .when(nh == "fragment").then(pl.lit("fragment of a wrapped record"))
             .otherwise(pl.lit("no syslog header"))
         )
-        .when(pl.col("kind") == "other_prog").then(pl.lit("not postfix: ") + pl.when(pl.col("kind") == "other_prog").then(pl.col("prog")).str.slice(0, 40))
-        .when(pl.col("kind") == "warning").then(pl.lit("postfix warning/fatal"))
-        .when(pl.col("kind") == "delivery").then(
+        .when(kind == "other_prog").then(pl.lit("not postfix: ") + pl.col("prog").str.slice(0, 40))
+        .when(kind == "warning").then(pl.lit("postfix warning/fatal"))
+        .when(kind == "delivery").then(
             pl.when(status.is_null()).then(pl.lit("truncated or wrapped delivery record"))
             .when(status.is_in(PROBE_STATUSES)).then(pl.lit("address verification probe"))
             .when(status.is_in(list(STATUS_OUTCOME))).then(pl.lit(None, pl.String))
             .otherwise(pl.lit("unknown status ") + status)
         )
-        .when(pl.col("kind") == "conn").then(pl.when(pl.col("event").is_not_null()).then(pl.lit(None, pl.String)).otherwise(pl.lit("smtp: unrecognised connection text")))
-        .when(pl.col("kind") == "qmgr_from").then(pl.lit("qmgr from= (sender, size)"))
-        .when(pl.col("kind") == "expired").then(pl.lit("qmgr expired (message-level)"))
-        .when(pl.col("kind") == "removed").then(pl.lit("qmgr removed"))
-        .when(pl.col("kind") == "message_id").then(pl.lit("cleanup message-id"))
+        .when(kind == "conn").then(pl.when(pl.col("event").is_not_null()).then(pl.lit(None, pl.String)).otherwise(pl.lit("smtp: unrecognised connection text")))
+        .when(kind == "qmgr_from").then(pl.lit("qmgr from= (sender, size)"))
+        .when(kind == "expired").then(pl.lit("qmgr expired (message-level)"))
+        .when(kind == "removed").then(pl.lit("qmgr removed"))
+        .when(kind == "message_id").then(pl.lit("cleanup message-id"))
         .when(daemon.is_in(INBOUND_DAEMONS)).then(pl.lit("inbound smtpd/postscreen"))
-        .when(smtp_msg.str.contains("TLS connection established", literal=True)).then(pl.lit("tls"))
+        .when(pl.col("_tls")).then(pl.lit("tls"))
         .when(daemon == "tlsmgr").then(pl.lit("tls"))
-        .otherwise(pl.lit("postfix ") + pl.when(pl.col("kind") == "other").then(daemon) + pl.lit(": not a delivery record"))
+        .otherwise(pl.lit("postfix ") + daemon + pl.lit(": not a delivery record"))
     )
     return lf.with_columns(category.cast(_CATEGORY).alias("category"), reason.alias("reason"))
 
 
-BATCH_BYTES = 16 << 20  # text read per block (about 95,000 syslog lines; bounds memory)
-BATCH_LINES = 400_000  # and at most this many lines parsed per batch
+BATCH_BYTES = 64 << 20  # text read per block (about 380,000 syslog lines; bounds memory)
+BATCH_LINES = 1_000_000  # and at most this many lines parsed per batch
+WORKERS = 2  # blocks parsed at once
 
-_PER_LINE = ("ts", "kind", "host", "instance", "daemon")
 _CATEGORICAL = ("kind", "host", "instance", "daemon", "event", "smtp_stage", "dsn", "outcome", "enhanced_code", "egress_ip", "recipient_domain", "mx_host")
-_RECORD_COLS = (
-    "fidx", "line_no", "ts", "kind", "category", "host", "instance", "daemon", "queue_id",
+_REC_COLS = (
+    "fidx", "line_no", "ts", "kind", "host", "instance", "daemon", "queue_id",
     "recipient", "orig_recipient", "recipient_domain", "egress_ip", "mx_host", "mx_ip", "smtp_code", "enhanced_code", "dsn",
-    "smtp_stage", "response", "outcome", "remote", "delay_s", "queued_at", "event", "sender", "size", "message_id",
+    "smtp_stage", "response", "outcome", "remote", "delay_s", "queued_at", "event",
 )
+_CTX_COLS = ("fidx", "line_no", "ts", "kind", "host", "instance", "queue_id", "sender", "size", "message_id")
 
 
 def _record_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
     """Canonical fields of delivery records and connection events (null on other lines)."""
     c = pl.col
-    rec = c("kind").is_in(("delivery", "conn"))
     # relay=host[ip]:port split at the brackets (as ^([^\[]+)\[ and ^[^\[]+\[([^\]]*)\] would capture)
     br = c("relay").str.splitn("[", 2)
     lf = lf.with_columns(br.struct.field("field_0").alias("_rh"), br.struct.field("field_1").str.splitn("]", 2).alias("_ri"))
@@ -505,8 +605,6 @@ def _record_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
         c("status").replace_strict(STATUS_OUTCOME, default=None, return_dtype=pl.String).alias("outcome"),
         (c("_is_reply") & ~c("suspended").fill_null(False) & c("_remote_agent")).alias("remote"),
         (c("ts") - pl.duration(microseconds=(c("delay_s") * 1e6).round().cast(pl.Int64))).alias("queued_at"),
-        # the instance is per line: only record lines need its address
-        pl.when(rec).then(c("instance")).str.extract(EGRESS_INSTANCE_RE, 1).alias("egress_ip"),
     ).drop("_rh", "_ri", "_relay_host", "_relay_ip", "_remote_agent", "_is_reply", "_reply_text")
 
 
@@ -520,44 +618,37 @@ def _final_stage() -> pl.Expr:
     )
 
 
-def _categorical(e: pl.Expr, name: str) -> pl.Expr:
-    return e.cast(pl.Categorical) if name in _CATEGORICAL else e
+def _record_columns(cols: tuple[str, ...]) -> list[pl.Expr]:
+    # low-cardinality columns categorical: the scratch files and the tables built from them stay small
+    return [pl.col(c).cast(pl.Categorical) if c in _CATEGORICAL else pl.col(c) for c in cols]
 
 
-def _compact(classified: pl.LazyFrame) -> pl.LazyFrame:
-    """Per-line category and reason (categorical), plus the parsed fields on record lines only
-    (those of ``classified``: the others are added as nulls by a diagonal concat)."""
-    rec_mask = pl.col("category").is_in(["attempt", "connection", "context"])
-    have = set(classified.collect_schema().names())
-    return classified.select(
-        "fidx",
-        "line_no",
-        "category",
-        pl.col("reason").cast(pl.Categorical).alias("acc_reason"),
-        # (the parsed fields are null off their own kind of line already)
-        *[
-            _categorical((pl.when(rec_mask).then(pl.col(c)) if c in _PER_LINE else pl.col(c)), c).alias(c)
-            for c in _RECORD_COLS
-            if c not in ("fidx", "line_no", "category") and c in have
-        ],
-    )
-
-
-# --- records → canonical tables ---------------------------------------------------------------
-
-def _generations(rec: pl.LazyFrame) -> pl.LazyFrame:
-    """``seq, generation``: a queue id is reused after ``removed``, so the generation counts
-    removals before each line of (log_host, instance, queue_id), in line order.  The
-    ``removed`` lines themselves only count."""
-    removed = (pl.col("kind") == "removed").cast(pl.Int32)
-    # the window runs over a 64-bit hash of the three parts (the categorical codes of host and
-    # instance: categories are process-wide), not over a built string
-    group = pl.struct(pl.col("host").to_physical(), pl.col("instance").to_physical(), "queue_id").hash()
+def _removals(ctx: pl.LazyFrame) -> pl.DataFrame:
+    """``seq, _mkey, generation`` of each qmgr ``removed`` line: the generation it starts
+    (1 for the first removal of a queue id on that host and instance, counting up)."""
     return (
-        rec.with_columns((removed.cum_sum().over(group, order_by="seq") - removed).alias("generation"))
-        .filter(pl.col("kind") != "removed")
-        .select("seq", "generation")
+        ctx.filter(pl.col("kind") == "removed")
+        .select("seq", "_mkey")
+        .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("_mkey").alias("generation"))
+        .collect()
     )
+
+
+def _with_generation(lf: pl.LazyFrame, removals: pl.DataFrame) -> pl.LazyFrame:
+    """Add ``generation`` (the removals of the line's queue id before it: a queue id is reused
+    after ``removed``) and ``_msg`` (a hash of the key and generation: one message instance)."""
+    return (
+        lf.set_sorted("seq")
+        .join_asof(removals.lazy().set_sorted("seq"), on="seq", by="_mkey", strategy="backward", check_sortedness=False)
+        .with_columns(pl.col("generation").fill_null(0))
+        .with_columns(pl.struct("_mkey", "generation").hash().alias("_msg"))
+    )
+
+
+def _mkey() -> pl.Expr:
+    """A 64-bit hash of (log_host, instance, queue_id): the categorical codes of host and
+    instance are process-wide, so no string is built per line."""
+    return pl.struct(pl.col("host").to_physical(), pl.col("instance").to_physical(), "queue_id").hash().alias("_mkey")
 
 
 def _message_key() -> pl.Expr:
@@ -571,23 +662,44 @@ def _message_key() -> pl.Expr:
 EGRESS_INSTANCE_RE = r"^postfix-(\d{1,3}(?:\.\d{1,3}){3}|[0-9a-fA-F:]*:[0-9a-fA-F:]+)$"
 
 
+def _attempt_numbers(att: pl.DataFrame) -> pl.Series:
+    """``attempt`` of each row of ``att``: 1 for a recipient's first try in its message
+    instance (``_msg``), counting up in time (line order breaks ties).  Sorting a narrow
+    frame and counting from each group's start needs less memory than a window."""
+    order = (
+        att.lazy()
+        .select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), "_msg", pl.col("recipient").hash().alias("_rcpt"), "ts", "seq")
+        .sort("_msg", "_rcpt", "ts", "seq")
+        .with_columns(((pl.col("_msg") != pl.col("_msg").shift()) | (pl.col("_rcpt") != pl.col("_rcpt").shift())).fill_null(True).alias("_first"))
+        .with_columns(pl.int_range(pl.len(), dtype=pl.Int32).alias("_i"))
+        .select("_row", (pl.col("_i") - pl.when("_first").then("_i").forward_fill() + 1).alias("attempt"))
+        .collect()
+    )
+    return pl.repeat(0, att.height, dtype=pl.Int32, eager=True).alias("attempt").scatter(order.get_column("_row"), order.get_column("attempt"))
+
+
 def _attempts(att: pl.DataFrame, context: tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame], file_names: pl.DataFrame) -> pl.LazyFrame:
     """``att``: attempt lines; ``context``: sender and size, message-id (one row per message)
     and the qmgr expiry lines, from :func:`_records`."""
     ctx, mid, exp = (c.lazy() for c in context)
-    # Lazy from here: the caller's collect plans the joins and window once, without copies of every step.
-    att = att.lazy()
-    att = att.with_columns(pl.col("host").alias("log_host"), pl.col("daemon").alias("agent"))
-    att = att.join(ctx, on="message_key", how="left", maintain_order="left").join(mid, on="message_key", how="left", maintain_order="left")
+    # The attempt numbers come from a narrow frame, so the plan below is only joins and
+    # concatenation: the caller's sink streams it instead of building the whole table first.
+    att = att.hstack([_attempt_numbers(att)]).lazy().with_columns(pl.col("host").alias("log_host"), pl.col("daemon").alias("agent"))
+
+    def with_context(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return lf.join(ctx, on="_msg", how="left", maintain_order="left").join(mid, on="_msg", how="left", maintain_order="left")
+
     # Expiry is message-level: the recipients whose last try was a deferral expire with it.
-    pending = (
-        att.join(exp.select("message_key"), on="message_key", how="semi")
+    pending = with_context(
+        att.join(exp.select("_msg"), on="_msg", how="semi")
         .sort("ts", "seq")
-        .group_by("message_key", "recipient", maintain_order=True)
+        .group_by("_msg", "recipient", maintain_order=True)
         .agg(pl.all().last())
         .filter(pl.col("outcome") == "deferred")
     )
-    expired = pending.drop("ts", "fidx", "line_no", "seq").join(exp, on="message_key", how="inner").with_columns(
+    att = with_context(att)
+    # (collected now: a few rows, and the plan the caller sinks stays joins and concatenation)
+    expired = pending.drop("ts", "fidx", "line_no", "seq").join(exp, on="_msg", how="inner").sort("seq", "recipient").with_columns(
         pl.lit("qmgr").alias("agent"),
         pl.lit("expired").alias("outcome"),
         pl.lit(False).alias("remote"),
@@ -601,10 +713,8 @@ def _attempts(att: pl.DataFrame, context: tuple[pl.DataFrame, pl.DataFrame, pl.D
         pl.coalesce(pl.col("sender"), pl.col("exp_sender")).alias("sender"),
         ((pl.col("ts") - pl.col("queued_at")).dt.total_microseconds() / 1e6).alias("delay_s"),
     )
-    att = att.with_columns(
-        (pl.col("seq").cum_count().over(["message_key", "recipient"], order_by=["ts", "seq"])).cast(pl.Int32).alias("attempt")
-    )
-    out = pl.concat([att, expired.with_columns(pl.lit(None, pl.Int32).alias("attempt"))], how="diagonal_relaxed")
+    expired = expired.with_columns(pl.lit(None, pl.Int32).alias("attempt")).collect().lazy()
+    out = pl.concat([att, expired], how="diagonal_relaxed")
     # rows in line order (files in rotation order), expiry rows last; no sort, which would copy every column
     out = out.with_columns(_file_name(file_names), pl.lit(FORMAT).alias("source"))
     return schema.conform(out, schema.ATTEMPT_COLUMNS)
@@ -619,24 +729,6 @@ def _connections(con: pl.DataFrame, file_names: pl.DataFrame) -> pl.LazyFrame:
     con = con.with_columns(pl.lit(FORMAT).alias("source"), pl.col("host").alias("log_host"))
     con = con.lazy().with_columns(_file_name(file_names))
     return schema.conform(con, schema.CONNECTION_COLUMNS)
-
-
-def _batch_counts(parsed: pl.DataFrame) -> pl.DataFrame:
-    """Lines per (fidx, category, reason) of one parsed batch."""
-    return parsed.group_by("fidx", "category", "acc_reason").agg(pl.len().cast(pl.Int64).alias("lines"))
-
-
-def _batch_examples(parsed: pl.DataFrame, batch: pl.DataFrame) -> pl.DataFrame:
-    """The first lines (number and text) of each skipped/malformed/duplicate reason in one batch."""
-    ex = (
-        parsed.filter(pl.col("category").is_in(["malformed", "skipped", "duplicate"]))
-        .group_by("fidx", "category", "acc_reason")
-        .agg(pl.col("line_no").bottom_k(EXAMPLES_PER_REASON))
-        .explode("line_no")
-        .join(batch.select("line_no", pl.col("line").alias("text")), on="line_no", how="left")
-    )
-    # A copy: the texts are views into the batch's buffer, which they would otherwise keep alive.
-    return pl.DataFrame(ex.to_dict(as_series=False), schema=ex.schema)
 
 
 def _accounting(counts: list[pl.DataFrame], examples: list[pl.DataFrame], files: list[SourceFile]) -> Accounting:
@@ -667,32 +759,53 @@ def _accounting(counts: list[pl.DataFrame], examples: list[pl.DataFrame], files:
     )
 
 
-def _records(per_line: pl.LazyFrame) -> tuple[pl.DataFrame, pl.DataFrame, tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]]:
+def _records(rec: pl.LazyFrame, ctx: pl.LazyFrame) -> tuple[pl.DataFrame, pl.DataFrame, tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]]:
     """Attempt lines, connection lines and context lines (qmgr from=, message-id, expired),
-    each with its own columns only (a null string cell still costs 16 bytes) and its
-    ``message_key``; low-cardinality columns stay categorical until ``schema.conform``."""
+    each read with its own columns only (a null string cell still costs 16 bytes).  A message
+    instance is joined on ``_msg`` (a hash of its key and generation); only attempts and
+    connection events get the ``message_key`` string.  Low-cardinality columns stay
+    categorical until ``schema.conform``."""
     # line order over all files (files are in rotation order): the tie-break after ts
     seq = (pl.col("fidx").cast(pl.Int64) * 10**12 + pl.col("line_no")).alias("seq")
-    is_rec = pl.col("category").is_in(["attempt", "connection", "context"])
-    # generations are numbers (no string per line); each frame builds its own keys
-    gens = _generations(per_line.filter(is_rec & pl.col("queue_id").is_not_null()).select(seq, "host", "instance", "queue_id", "kind")).collect()
+    rec, ctx = rec.with_columns(seq, _mkey()), ctx.with_columns(seq, _mkey())
+    removals = _removals(ctx)
 
-    def records(where: pl.Expr, cols: list[str]) -> pl.DataFrame:
-        keyed = per_line.filter(where).select(seq, *dict.fromkeys([*cols, "host", "instance", "queue_id"])).join(gens.lazy(), on="seq", how="left", maintain_order="left")
-        return keyed.with_columns(_message_key()).select("seq", *cols, "message_key").collect()
+    def of(lf: pl.LazyFrame, kind: str, cols: list[str]) -> pl.LazyFrame:
+        return _with_generation(lf.filter(pl.col("kind") == kind).select("seq", "_mkey", *cols), removals)
 
     common = ["fidx", "line_no", "ts", "host", "instance", "daemon", "queue_id", "egress_ip", "mx_host", "mx_ip", "smtp_code", "enhanced_code", "smtp_stage", "response"]
-    att = records(
-        pl.col("category") == "attempt",
-        common + ["recipient", "orig_recipient", "recipient_domain", "dsn", "outcome", "remote", "delay_s", "queued_at"],
-    )
-    con = records(pl.col("category") == "connection", common + ["event"])
-    # Context reduced now to one row per message (the first line of each, in line order), so
-    # the raw context lines are never held.
-    ctx = records(pl.col("kind") == "qmgr_from", ["sender", "size"]).group_by("message_key").agg(pl.col("sender").first(), pl.col("size").first())
-    mid = records(pl.col("kind") == "message_id", ["message_id"]).group_by("message_key").agg(pl.col("message_id").first())
-    exp = records(pl.col("kind") == "expired", ["fidx", "line_no", "ts", "sender"]).select("message_key", "ts", "fidx", "line_no", "seq", pl.col("sender").alias("exp_sender"))
-    return att, con, (ctx, mid, exp)
+    att = of(rec, "delivery", [*common, "recipient", "orig_recipient", "recipient_domain", "dsn", "outcome", "remote", "delay_s", "queued_at"])
+    con = of(rec, "conn", [*common, "event"])
+    keyed = [att.with_columns(_message_key()).drop("generation", "_mkey"), con.with_columns(_message_key()).drop("generation", "_mkey")]
+    # Context reduced to one row per message (the first line of each, in line order).
+    sender = of(ctx, "qmgr_from", ["sender", "size"]).select("_msg", "sender", "size").unique("_msg", keep="first", maintain_order=True)
+    mid = of(ctx, "message_id", ["message_id"]).select("_msg", "message_id").unique("_msg", keep="first", maintain_order=True)
+    exp = of(ctx, "expired", ["ts", "fidx", "line_no", "sender"]).select("_msg", "ts", "fidx", "line_no", "seq", pl.col("sender").alias("exp_sender"))
+    att, con, sender, mid, exp = (lf.collect() for lf in (*keyed, sender, mid, exp))
+    return att, con, (sender, mid, exp)
+
+
+def _blocks(files: list[SourceFile], options: LoadOptions) -> Iterator[tuple[pl.DataFrame, int, dict]]:
+    """Blocks of about :data:`BATCH_BYTES` of text (``line_no, line``; at most
+    :data:`BATCH_LINES` lines) of every file, in order, with the file's index and timestamp
+    settings."""
+    for fidx, sf in enumerate(files):
+        last_month = _last_syslog_month(sf)
+        ts_opts = dict(end_year=_end_year(sf, options, last_month), last_month=last_month, tz=options.tz)
+        for block in line_batches(sf, batch_bytes=BATCH_BYTES):
+            for start in range(0, block.height, BATCH_LINES):
+                yield block.slice(start, BATCH_LINES).select("line_no", "line"), fidx, ts_opts
+
+
+def _work(block: pl.DataFrame, fidx: int, ts_opts: dict, dup_hashes: pl.DataFrame | None, out: Path) -> tuple[pl.DataFrame, pl.DataFrame, Path, Path]:
+    """One block, parsed: its accounting, and its records and context lines written to Parquet
+    under ``out`` (lz4 without statistics: about half the time of the default zstd, and read
+    back once)."""
+    b = _parse_batch(_lines(block.lazy(), fidx, dup_hashes=dup_hashes, **ts_opts).collect(), fidx, **ts_opts)
+    rec, ctx = out.with_suffix(".rec.parquet"), out.with_suffix(".ctx.parquet")
+    b.records.write_parquet(rec, compression="lz4", statistics=False)
+    b.context.write_parquet(ctx, compression="lz4", statistics=False)
+    return b.counts, b.examples, rec, ctx
 
 
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
@@ -714,35 +827,29 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
             .drop("_n")
             .collect(engine="streaming")
         )
-    # Lines are parsed in batches, each written to a scratch Parquet file: memory stays bounded
-    # whatever the file size, and the records read back own compact buffers instead of pinning
-    # the raw line buffers their strings were sliced from.
+    # Lines are parsed in batches, each batch's records written to scratch Parquet files:
+    # memory stays bounded whatever the file size, and the records read back own compact
+    # buffers instead of pinning the raw line buffers their strings were sliced from.
     # Each batch is counted for the accounting (with the text of its first lines of each
-    # reason) as it is parsed, and only its record lines are kept.
+    # reason) as it is parsed.
     with tempfile.TemporaryDirectory(prefix="deferral_kit_postfix_") as tmp:
-        parts, counts, examples = [], [], []
-        empty = pl.DataFrame(schema={"file": pl.String, "line_no": pl.Int64, "line": pl.String})
-        for fidx, sf in enumerate(files):
-            last_month = _last_syslog_month(sf)
-            end_year = _end_year(sf, options, last_month)
-            for block in line_batches(sf, batch_bytes=BATCH_BYTES):
-                for start in range(0, block.height, BATCH_LINES):
-                    batch = block.slice(start, BATCH_LINES)
-                    lines = _file_lines(batch.lazy(), fidx, end_year=end_year, last_month=last_month, tz=options.tz)
-                    parsed = _parsed_batch(lines, dup_hashes)
-                    counts.append(_batch_counts(parsed))
-                    examples.append(_batch_examples(parsed, batch))
-                    part = Path(tmp) / f"{len(parts)}.parquet"
-                    # lz4 without statistics: about half the time of the default zstd, and read back once
-                    parsed.filter(pl.col("category").is_in(["attempt", "connection", "context"])).write_parquet(part, compression="lz4", statistics=False)
-                    parts.append(part)
-                    del parsed, lines, batch
-        if not parts:  # only empty files: an empty record table of the right shape
-            part = Path(tmp) / "empty.parquet"
-            _parsed_batch(_file_lines(empty.lazy(), 0, end_year=2000, last_month=None, tz=options.tz), None).write_parquet(part)
-            parts.append(part)
+        # Two blocks in flight, one per core: polars releases the GIL, and most steps of one
+        # block run on one core.  Results are taken in block order, so rows keep line order.
+        done: list[tuple[pl.DataFrame, pl.DataFrame, Path, Path]] = []
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            pending: deque[Future] = deque()
+            for i, (block, fidx, ts_opts) in enumerate(_blocks(files, options)):
+                pending.append(pool.submit(_work, block, fidx, ts_opts, dup_hashes, Path(tmp) / f"{i}"))
+                del block
+                while len(pending) >= WORKERS:
+                    done.append(pending.popleft().result())
+            done.extend(f.result() for f in pending)
+        if not done:  # only empty files: empty record tables of the right shape
+            empty = pl.DataFrame(schema={"line_no": pl.Int64, "line": pl.String})
+            done.append(_work(empty, 0, dict(end_year=2000, last_month=None, tz=options.tz), None, Path(tmp) / "empty"))
+        counts, examples, rec_parts, ctx_parts = (list(x) for x in zip(*done))
         accounting = _accounting(counts, examples, files)
-        att, con, ctx = _records(pl.scan_parquet(parts))
+        att, con, ctx = _records(pl.scan_parquet(rec_parts), pl.scan_parquet(ctx_parts))
     names = [sf.name for sf in files]
     file_names = pl.DataFrame({"fidx": list(range(len(files))), "file": names}, schema={"fidx": pl.Int32, "file": pl.String})
     return Load(
