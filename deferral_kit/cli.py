@@ -115,7 +115,8 @@ def _cmd_rates(args) -> int:
         response_class=args.response_class,
         bands=metrics.load_bands(args.bands) if args.bands else None,
     ).collect()
-    if table.height == 0:
+    if table.height == 0 or table["attempts"].sum() == 0:
+        # (suspensions and local deliveries alone give no rate: say so rather than print a table of zeros)
         print(f"error: no delivery attempts against a remote host in {', '.join(args.inputs)}", file=sys.stderr)
         return 2
     if args.csv:

@@ -29,6 +29,8 @@ Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 PER = 10_000  # rates are reported per 10,000 attempts
 CLASS_COLUMNS = ("response_class", "rule_id", "side")
 _BUCKET = re.compile(r"^(\d+(ns|us|ms|s|m|h|d|w|mo|q|y))+$")
+# the columns :func:`rate` adds after the group keys, in order
+RATE_COLUMNS = ("attempts", "count", "rate_per_10k", "ci_low_per_10k", "ci_high_per_10k", "band")
 
 
 # --- denominators and predicates --------------------------------------------------------------
@@ -240,9 +242,17 @@ def rate(attempts: pl.LazyFrame | pl.DataFrame, *, where: pl.Expr, by: Sequence[
         (high * PER).alias("ci_high_per_10k"),
         band_expr(p, bands).alias("band"),
     )
-    return out.select(*keys, "attempts", "count", "rate_per_10k", "ci_low_per_10k", "ci_high_per_10k", "band").sort(
-        [*(["bucket"] if bucket else []), "count", "attempts", *[k for k in keys if k != "bucket"]],
-        descending=[*([False] if bucket else []), True, True, *[False] * (len(keys) - (1 if bucket else 0))],
+    return _rate_order(out.select(*keys, *RATE_COLUMNS), keys)
+
+
+def _rate_order(lf: pl.LazyFrame, keys: Sequence[str]) -> pl.LazyFrame:
+    """The row order of :func:`rate` and :func:`rates_table`: bucket ascending, then count and
+    attempts descending, then the other keys ascending (nulls last)."""
+    bucketed = "bucket" in keys
+    others = [k for k in keys if k != "bucket"]
+    return lf.sort(
+        [*(["bucket"] if bucketed else []), "count", "attempts", *others],
+        descending=[*([False] if bucketed else []), True, True, *[False] * len(others)],
         nulls_last=True,
     )
 
@@ -280,17 +290,27 @@ def rates_table(attempts: pl.LazyFrame | pl.DataFrame, *, by: Sequence[str] | st
     ``non_mx_rows``: rows of the same group and bucket left out of the denominator
     (suspensions, local deliveries, loopback hops).  ``by`` may include ``provider``,
     ``provider_family``, ``response_class``, ``side``; they are derived when missing.
+
+    Every group and bucket with any row appears.  One whose rows are all non-MX rows (a
+    destination only suspended by the error agent, an hour with only suspensions) has
+    attempts 0, count 0, and a null rate, interval and band (there is no denominator);
+    its ``non_mx_rows`` says how much traffic it had.  Columns and row order are those of
+    :func:`rate` plus ``non_mx_rows``.
     """
     keys = _keys(by, bucket)
     need = [k for k in keys if k != "bucket"] + (list(CLASS_COLUMNS) if response_class else [])
     lf = enrich(attempts, need=need)
     where = response_is(code=code, enhanced=enhanced, response_class=response_class)
     table = rate(lf, where=where, by=by, bucket=bucket, bands=bands)
-    excluded = non_mx_rows(lf, by=by, bucket=bucket).group_by(keys).agg(pl.col("rows").sum().alias("non_mx_rows")) if keys else (
-        non_mx_rows(lf).select(pl.col("rows").sum().alias("non_mx_rows"))
-    )
-    if keys:
-        table = table.join(excluded, on=keys, how="left", nulls_equal=True, maintain_order="left")
+    excluded = non_mx_rows(lf, by=by, bucket=bucket)
+    if not keys:  # one constant key, so that no rows at all still gives an empty table
+        on = ["_all"]
+        table, excluded = (f.with_columns(pl.lit(0, dtype=pl.Int8).alias("_all")) for f in (table, excluded))
     else:
-        table = table.join(excluded, how="cross")
-    return table.with_columns(pl.col("non_mx_rows").fill_null(0).cast(pl.Int64))
+        on = keys
+    excluded = excluded.group_by(on).agg(pl.col("rows").sum().cast(pl.Int64).alias("non_mx_rows"))
+    # full join: a group or bucket with only non-MX rows has no row in ``table`` and must not be lost
+    table = table.join(excluded, on=on, how="full", coalesce=True, nulls_equal=True).with_columns(
+        pl.col("attempts", "count", "non_mx_rows").fill_null(0).cast(pl.Int64)
+    )
+    return _rate_order(table.select(*keys, *RATE_COLUMNS, "non_mx_rows"), keys)

@@ -39,7 +39,11 @@ def test_rates_csv_on_logs_counts_every_452_4_3_1(capsys):
     assert by_provider["microsoft_365"] == TRUTH["code_452_431"]["by_provider"]["microsoft_365"]
     ms = table.filter(pl.col("provider").str.starts_with("microsoft"))
     assert ms["attempts"].sum() == TRUTH["microsoft"]["mx_attempts"]
-    assert set(table["band"].unique()) <= {"watch", "throttle", "incident"}
+    tried = table.filter(pl.col("attempts") > 0)
+    assert set(tried["band"].unique()) <= {"watch", "throttle", "incident"}
+    # hosts and hours that only saw suspensions or local hops stay listed, without a rate
+    idle = table.filter(pl.col("attempts") == 0)
+    assert idle.height > 0 and idle["band"].null_count() == idle.height and (idle["non_mx_rows"] > 0).all()
 
 
 def test_missing_file_is_exit_2_naming_it(tmp_path, capsys):

@@ -207,6 +207,7 @@ def test_cli_rates_by_class_and_side(tmp_path, capsys):
     assert csv.select("provider_family", "side", "attempts", "count", "band", "non_mx_rows").rows() == [
         ("microsoft", "receiver", 8, 2, "incident", 0),
         ("google", "receiver", 2, 0, "watch", 0),
+        ("microsoft", "sender", 0, 0, None, 1),  # the error-agent suspension: its own group, no attempts
     ]
     assert relay not in csv["provider_family"].to_list()
 
@@ -228,5 +229,125 @@ def test_real_postfix_denominator(realworld):
     res = load([forums / "pastebin_MnYLJtdj_amavis_hops_hotmail_sent.log", forums / "pastebin_Bv937fkd_amavis_down_suspended.log",
                 forums / "pastebin_6Cc8MVqF_hotmail_connect_timeouts.log"])
     table = metrics.rates_table(res.attempts, by=["provider"], bucket=None, code=452, enhanced="4.3.1", response_class=None, bands=None).collect()
-    assert table.select("provider", "attempts", "count", "band", "non_mx_rows").rows() == [("microsoft_consumer", 3, 0, "watch", 0)]
+    assert table.select("provider", "attempts", "count", "band", "non_mx_rows").rows() == [
+        ("microsoft_consumer", 3, 0, "watch", 0),
+        ("local", 0, 0, None, 8),  # amavis hops and suspensions of the amavis hop: no MX attempt, still shown
+    ]
     assert sorted(metrics.non_mx_rows(res.attempts).collect().rows()) == [("error", 5), ("loopback", 3)]
+
+
+# --- rates_table keeps groups that only have non-MX rows ------------------------------------------
+
+ORG_MX, ORG_IP = "mx.example.org", "203.0.113.25"
+
+
+def _pf(minute, agent, dom, mx, ip, code, dsn, outcome, response) -> dict:
+    """One canonical row shaped like the Postfix loader's output (columns it does not set stay null)."""
+    return dict(ts=T0 + timedelta(minutes=minute), source="postfix", log_host="mx1", instance="postfix", agent=agent,
+                queue_id=f"4F{minute:04X}A1", message_key=f"4F{minute:04X}A1@mx1", sender="news@example.net",
+                recipient=f"user{minute}@{dom}", recipient_domain=dom, mx_host=mx, mx_ip=ip, smtp_code=code,
+                enhanced_code=dsn, dsn=dsn, response=response, outcome=outcome, remote=code is not None, attempt=1)
+
+
+def _sent(minute, dom="outlook.com", mx=MS, ip="52.101.40.2"):
+    return _pf(minute, "smtp", dom, mx, ip, 250, "2.0.0", "delivered", "250 2.0.0 OK <msg@example.net> [Hostname=X]")
+
+
+def _capped(minute, dom="outlook.com", mx=MS, ip="52.101.40.2"):
+    return _pf(minute, "smtp", dom, mx, ip, 452, "4.3.1", "deferred", R452)
+
+
+def _suspended(minute, dom="example.org", mx=ORG_MX, ip=ORG_IP):
+    """Postfix's error agent deferring a queued message while the destination is marked dead."""
+    return _pf(minute, "error", dom, mx, ip, None, "4.4.1", "deferred",
+               f"delivery temporarily suspended: connect to {mx}[{ip}]:25: Connection timed out")
+
+
+def _canonical(*rows: dict) -> pl.LazyFrame:
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    return schema.conform(pl.LazyFrame(cols, schema={k: schema.ATTEMPTS[k] for k in cols}))
+
+
+def _outage() -> pl.LazyFrame:
+    """09:xx: outlook.com 6 sent + 2 capped + 1 suspension, gmail.com 3 sent, example.org 2 suspensions;
+    10:xx: only suspensions (example.org 1, outlook.com 1)."""
+    return _canonical(
+        *[_sent(i) for i in range(6)], _capped(6), _capped(7), _suspended(30, "outlook.com", MS, "52.101.40.2"),
+        *[_sent(10 + i, "gmail.com", GOOG, "142.250.27.26") for i in range(3)],
+        _suspended(20), _suspended(40), _suspended(65), _suspended(75, "outlook.com", MS, "52.101.40.2"),
+    )
+
+
+RATES_TABLE_SCHEMA = pl.Schema({"attempts": pl.Int64, "count": pl.Int64, "rate_per_10k": pl.Float64, "ci_low_per_10k": pl.Float64,
+                                "ci_high_per_10k": pl.Float64, "band": pl.String, "non_mx_rows": pl.Int64})
+
+
+def test_rates_table_keeps_domain_with_only_error_agent_suspensions():
+    table = metrics.rates_table(_outage(), by=["recipient_domain"]).collect()
+    assert table.schema == pl.Schema({"recipient_domain": pl.String, **RATES_TABLE_SCHEMA})
+    assert table.select("recipient_domain", "attempts", "count", "band", "non_mx_rows").rows() == [
+        ("outlook.com", 8, 2, "incident", 2),
+        ("gmail.com", 3, 0, "watch", 0),
+        ("example.org", 0, 0, None, 3),  # no MX attempt: no denominator, so no rate, interval or band
+    ]
+    org = table.row(2, named=True)
+    assert (org["rate_per_10k"], org["ci_low_per_10k"], org["ci_high_per_10k"]) == (None, None, None)
+    outlook = table.row(0, named=True)
+    assert outlook["rate_per_10k"] == pytest.approx(2500.0)
+    assert (outlook["ci_low_per_10k"], outlook["ci_high_per_10k"]) == pytest.approx(tuple(x * 1e4 for x in metrics.wilson(2, 8)))
+    # every input row is either an attempt or a non-MX row of exactly one group
+    assert table["attempts"].sum() + table["non_mx_rows"].sum() == _outage().collect().height == 16
+
+
+def test_rates_table_mixed_groups_are_what_rate_gives():
+    lf = _outage()
+    for bucket in (None, "1h"):
+        table = metrics.rates_table(lf, by=["recipient_domain"], bucket=bucket).collect()
+        rated = metrics.rate(lf, where=metrics.response_is(), by=["recipient_domain"], bucket=bucket).collect()
+        assert table.filter(pl.col("attempts") > 0).drop("non_mx_rows").equals(rated)
+        assert table.filter(pl.col("attempts") == 0)["rate_per_10k"].null_count() == table.filter(pl.col("attempts") == 0).height > 0
+
+
+def test_rates_table_keeps_bucket_with_only_suspensions():
+    h9, h10 = datetime(2026, 3, 2, 9, tzinfo=UTC), datetime(2026, 3, 2, 10, tzinfo=UTC)
+    table = metrics.rates_table(_outage(), by="recipient_domain", bucket="1h").collect()
+    assert table.schema == pl.Schema({"bucket": schema.UTC_DT, "recipient_domain": pl.String, **RATES_TABLE_SCHEMA})
+    assert table.select("bucket", "recipient_domain", "attempts", "count", "rate_per_10k", "band", "non_mx_rows").rows() == [
+        (h9, "outlook.com", 8, 2, 2500.0, "incident", 1),
+        (h9, "gmail.com", 3, 0, 0.0, "watch", 0),
+        (h9, "example.org", 0, 0, None, None, 2),
+        (h10, "example.org", 0, 0, None, None, 1),   # an hour with only suspensions
+        (h10, "outlook.com", 0, 0, None, None, 1),   # ... also for a domain that had attempts the hour before
+    ]
+
+
+def test_rates_table_without_keys():
+    lf = _outage()
+    whole = metrics.rates_table(lf, by=()).collect()
+    assert whole.schema == RATES_TABLE_SCHEMA
+    assert whole.select("attempts", "count", "band", "non_mx_rows").rows() == [(11, 2, "incident", 5)]
+    assert whole["rate_per_10k"][0] == pytest.approx(2e4 / 11)
+    hourly = metrics.rates_table(lf, by=(), bucket="1h").collect()
+    assert hourly.select("bucket", "attempts", "count", "rate_per_10k", "non_mx_rows").rows() == [
+        (datetime(2026, 3, 2, 9, tzinfo=UTC), 11, 2, pytest.approx(2e4 / 11), 3),
+        (datetime(2026, 3, 2, 10, tzinfo=UTC), 0, 0, None, 2),
+    ]
+    only_suspended = metrics.rates_table(lf.filter(pl.col("agent") == "error"), by=()).collect()
+    assert only_suspended.rows() == [(0, 0, None, None, None, None, 5)]
+    assert metrics.rates_table(schema.empty(), by=()).collect().height == 0
+    assert metrics.rates_table(schema.empty()).collect().height == 0
+
+
+def test_cli_rates_shows_destination_with_only_suspensions(tmp_path, capsys):
+    path = tmp_path / "attempts.parquet"
+    _outage().collect().write_parquet(path)
+    assert cli.main(["rates", str(path), "--csv"]) == 0
+    csv = pl.read_csv(capsys.readouterr().out.encode())
+    assert csv.select("recipient_domain", "attempts", "count", "rate_per_10k", "ci_low_per_10k", "band", "non_mx_rows").rows() == [
+        ("outlook.com", 8, 2, 2500.0, pytest.approx(metrics.wilson(2, 8)[0] * 1e4), "incident", 2),
+        ("gmail.com", 3, 0, 0.0, 0.0, "watch", 0),
+        ("example.org", 0, 0, None, None, None, 3),
+    ]
+    assert cli.main(["rates", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "example.org" in text and "null" in text

@@ -37,12 +37,17 @@ takes ``mx_host``/``mx_ip`` from the host named in the reason.  ``message_key`` 
 of that queue id before the line.  Expiry rows (agent ``qmgr``) have a null ``attempt``:
 they are not tries.  Rows come in line order (files in rotation order), expiry rows last.
 
-Lines are read in blocks of :data:`BATCH_BYTES` (at most :data:`BATCH_LINES` lines per
-batch), each parsed batch written to a scratch Parquet file, so memory does not grow with
-the input while parsing.  Speed comes from doing little per line: the header is cut at
-literal offsets (the capture regex only for odd shapes), lines are classified with literal
-and anchored tests, and only the record lines (about 15 %) go through the field parsing, whose
-regexes validate without captures while the fields are cut at their separators.
+Lines are read in blocks of :data:`BATCH_BYTES` (memory-mapped; at most :data:`BATCH_LINES`
+lines), :data:`WORKERS` blocks at a time, and each block's records are written to a
+scratch Parquet file, so memory does not grow with the input while parsing.  Speed comes
+from doing little per line: the header is cut at literal offsets (the capture regex only
+for odd shapes), a block's few dozen syslog tags are parsed once, lines are classified
+with literal and anchored tests, and each kind of line then goes through only its own
+parsing: the record lines (about 15 %) through the field parsing, whose regexes validate
+without captures while the fields are cut at their separators, the context lines through
+theirs, and the rest are counted per tag.  The records are then keyed by integers (a hash
+of host, instance and queue id; the generation from an as-of join on the ``removed``
+lines), and only the final rows get the ``message_key`` string.
 """
 
 from __future__ import annotations
@@ -85,6 +90,11 @@ DELIVERY_RE = (
     r"^(?<queue_id>[0-9A-Za-z]+): to=(?<to><[^>]*>|[^,]*), (?:orig_to=(?<orig><[^>]*>|[^,]*), )?"
     r"relay=(?<relay>[^,]*), (?<kv>(?:[a-z_]+=[^,]*, )*?)dsn=(?<dsn>[245]\.\d{1,3}\.\d{1,3}), "
     r"status=(?<status>[A-Za-z-]+) \((?<rsn>.*)\)$"
+)
+# DELIVERY_RE up to the ", status=" that follows the dsn
+_DELIVERY_PRE_RE = (
+    r"^[0-9A-Za-z]+: to=(?:<[^>]*>|[^,]*), (?:orig_to=(?:<[^>]*>|[^,]*), )?"
+    r"relay=[^,]*, (?:[a-z_]+=[^,]*, )*?dsn=[245]\.\d{1,3}\.\d{1,3}$"
 )
 _HOSTIP = r"(?<{h}>[^\s\[\]]*)\[(?<{i}>[^\]]*)\]"  # the name may be missing in anonymised logs
 # The reason of a record, or the text of a per-connection line after "QID: ".  The reply
@@ -330,8 +340,11 @@ def _delivery_fields(lf: pl.LazyFrame, d: pl.Expr) -> pl.LazyFrame:
         s = c(col).str.splitn(sep, 2)
         return [s.struct.field("field_0").alias(a), s.struct.field("field_1").alias(b)]
 
-    lf = lf.with_columns(pl.when(d.str.contains(DELIVERY_RE)).then(d).alias("_d"))
+    lf = lf.with_columns(d.alias("_d"))
     lf = lf.with_columns(*split("_d", ", status=", "_pre", "_post"))
+    # DELIVERY_RE checked in two parts, so the regex does not scan the reason text
+    ok = pl.col("_pre").str.contains(_DELIVERY_PRE_RE) & pl.col("_post").str.contains(r"^[A-Za-z-]+ \(") & pl.col("_post").str.ends_with(")")
+    lf = lf.with_columns(pl.when(ok).then(pl.col(n)).alias(n) for n in ("_pre", "_post"))
     lf = lf.with_columns(*split("_pre", ": to=", "queue_id", "_to_rest"), *split("_post", " (", "status", "_rsn"))
     lf = lf.with_columns(*split("_to_rest", ", relay=", "_to_seg", "_relay_rest"), c("_rsn").str.strip_suffix(")").alias("rsn"))
     lf = lf.with_columns(*split("_to_seg", ", orig_to=", "to", "orig"), *split("_relay_rest", ", dsn=", "_mid", "dsn"))
@@ -373,7 +386,9 @@ def _lines(lines: pl.LazyFrame, fidx: int, *, end_year: int, last_month: int | N
     progs = _instance_daemon(hdr.lazy().select(pl.col("prog").drop_nulls().unique())).collect()
     idx = hdr.get_column("prog").cast(pl.Enum(progs.get_column("prog"))).to_physical()
     lf = hdr.lazy().with_columns(progs.get_column(name).gather(idx) for name in ("instance", "daemon", "egress_ip"))
-    return _kind(_with_dups(lf, fidx, dup_hashes)).with_columns(pl.lit(fidx, pl.Int32).alias("fidx"))
+    # (the flags the other lines are counted by come from the whole block, in line order:
+    # after a filter the texts would be scattered over the block's buffer)
+    return _kind(_with_dups(lf, fidx, dup_hashes)).with_columns(pl.lit(fidx, pl.Int32).alias("fidx")).with_columns(_rest_flags())
 
 
 def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str) -> _Batch:
@@ -386,19 +401,21 @@ def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: i
     kind = c("kind")
     ts = pl.when(c("_fast")).then(_fast_ts(end_year, last_month, tz)).otherwise(c("ts")).alias("ts")
 
-    rec = lines.lazy().filter(kind.is_in(("delivery", "conn"))).with_columns(ts)
+    # The texts of a kind's lines are copied into one buffer first: as views into the block
+    # they would be scattered over it, and every later step would wait on memory.
+    stamp = (c("line").str.head(40) + "").alias("line")  # all a header's timestamp needs
+    rec = lines.lazy().filter(kind.is_in(("delivery", "conn"))).with_columns((c("msg") + "").alias("msg"), stamp).with_columns(ts)
     rec = _category(_records_fields(rec)).collect()
     ctx = lines.lazy().filter(kind.is_in(_CONTEXT_KINDS))
     # only expiry lines need their time
-    ctx = ctx.with_columns(pl.when(kind == "expired").then(c("line")).alias("line"), pl.when(kind == "expired").then(c("ts")).alias("ts"))
+    ctx = ctx.with_columns((c("msg") + "").alias("msg"), pl.when(kind == "expired").then(stamp), pl.when(kind == "expired").then(c("ts")).alias("ts"))
     ctx = _category(_context(ctx.with_columns(ts))).collect()
     rest = _category(
         lines.lazy()
         .filter(~kind.is_in(("delivery", "conn", *_CONTEXT_KINDS)))
-        .with_columns(_rest_flags())
-        .group_by("kind", "_prog", "daemon", "_tls", "_nh")
+        .group_by("kind", "_prog", "_daemon", "_tls", "_nh")
         .agg(pl.len().cast(pl.Int64).alias("lines"), c("line_no").bottom_k(EXAMPLES_PER_REASON).alias("_ex"))
-        .rename({"_prog": "prog"})
+        .rename({"_prog": "prog", "_daemon": "daemon"})
         .with_columns(pl.lit(None, pl.String).alias("status"), pl.lit(None, pl.String).alias("event"))
     ).collect()
 
@@ -437,7 +454,7 @@ def _rest_flags() -> list[pl.Expr]:
     nohdr = pl.when(kind == "nohdr").then(pl.col("line"))
     return [
         pl.when(kind == "other_prog").then(pl.col("prog").str.slice(0, 40)).alias("_prog"),
-        pl.when(kind == "other").then(pl.col("daemon")).alias("daemon"),
+        pl.when(kind == "other").then(pl.col("daemon")).alias("_daemon"),
         pl.when((kind == "other") & pl.col("daemon").is_in(("smtp", "lmtp"))).then(pl.col("msg"))
         .str.contains("TLS connection established", literal=True).fill_null(False).alias("_tls"),
         pl.when(nohdr.str.contains(r"^\s*$")).then(pl.lit("empty"))
@@ -459,15 +476,19 @@ def _kind(lf: pl.LazyFrame) -> pl.LazyFrame:
     # a literal test first: the anchored regex then only confirms the few candidate lines
     is_delivery = pl.when(is_pf & msg.str.contains(": to=", literal=True)).then(msg).str.contains(r"^[0-9A-Za-z]+: to=").fill_null(False)
     smtp_msg = pl.when(daemon.is_in(("smtp", "lmtp")) & ~is_delivery).then(msg)
+    # one pass for qmgr's three context shapes; literal tests then tell them apart
+    qmgr_ctx = qmgr_msg.str.contains(r"^[0-9A-Za-z]+: (?:from=<[^>]*>, (?:size=\d|status=(?:force-)?expired)|removed$)").fill_null(False)
+    # a warning's keyword comes first, or after the queue id: only the start of the text is searched
+    warning = pl.when(pf_msg.str.head(40).str.contains_any(["warning: ", "fatal: ", "error: ", "panic: ", "info: "])).then(msg)
     lf = lf.with_columns(
         kind=pl.when(pl.col("_dup")).then(pl.lit("dup"))
         .when(pl.col("msg").is_null()).then(pl.lit("nohdr"))
         .when(~is_pf).then(pl.lit("other_prog"))
         .when(is_delivery & (daemon.is_in(DELIVERY_AGENTS) | (daemon == "qmgr"))).then(pl.lit("delivery"))
-        .when(pl.when(pf_msg.str.contains_any(["warning: ", "fatal: ", "error: ", "panic: ", "info: "])).then(msg).str.contains(r"^(?:[0-9A-Za-z]+: )?(?:warning|fatal|error|panic|info): ")).then(pl.lit("warning"))
-        .when(qmgr_msg.str.contains(r"^[0-9A-Za-z]+: from=<[^>]*>, size=\d+")).then(pl.lit("qmgr_from"))
-        .when(qmgr_msg.str.contains(r"^[0-9A-Za-z]+: from=<[^>]*>, status=(?:force-)?expired")).then(pl.lit("expired"))
-        .when(qmgr_msg.str.contains(r"^[0-9A-Za-z]+: removed$")).then(pl.lit("removed"))
+        .when(warning.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:warning|fatal|error|panic|info): ")).then(pl.lit("warning"))
+        .when(qmgr_ctx & msg.str.ends_with(": removed")).then(pl.lit("removed"))
+        .when(qmgr_ctx & msg.str.contains(">, size=", literal=True)).then(pl.lit("qmgr_from"))
+        .when(qmgr_ctx).then(pl.lit("expired"))
         .when(pl.when(daemon == "cleanup").then(msg).str.contains(r"^[0-9A-Za-z]+: message-id=")).then(pl.lit("message_id"))
         .when(smtp_msg.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:host \S+ (?:said: |refused to talk to me)|connect to |lost connection with |conversation with |SASL authentication failed|certificate verification failed|SSL_connect error|TLS is required|Server certificate not verified)")).then(pl.lit("conn"))
         .otherwise(pl.lit("other"))
