@@ -12,7 +12,6 @@ import atexit
 import bz2
 import glob as globmod
 import gzip
-import io
 import lzma
 import mmap
 import os

@@ -1,4 +1,4 @@
-"""Postfix logs (syslog, RFC 3339, shipper-prefixed, journald short) → canonical attempts.
+"""Postfix logs (syslog, RFC 3339, shipper-prefixed, journald short, ``journalctl -o json``) → canonical attempts.
 
 Every line is classified with polars expressions over the lazy frame of lines:
 
@@ -55,10 +55,10 @@ from __future__ import annotations
 import re
 import tempfile
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -66,8 +66,8 @@ import polars as pl
 
 from .. import schema
 from ..accounting import EXAMPLE_SCHEMA, EXAMPLES_PER_REASON, TABLE_SCHEMA, Accounting
-from ..sources import SourceFile, line_batches, scan_lines
-from . import Load, LoadOptions
+from ..sources import SourceFile, head, line_batches, scan_lines
+from . import Load, LoadOptions, journald
 
 FORMAT = "postfix"
 
@@ -125,7 +125,10 @@ _CATEGORY = pl.Enum(["attempt", "connection", "context", "skipped", "duplicate",
 
 
 def sniff(text: str) -> bool:
-    """True when a line of ``text`` is a Postfix syslog/RFC 3339/journald line."""
+    """True when a line of ``text`` is a Postfix syslog/RFC 3339/journald line, or ``text`` is a
+    ``journalctl -o json`` export with Postfix records."""
+    if journald.journal_postfix(text):
+        return True
     return re.search(
         rf"(?m)^{_CONTAINER}?(?:{_ISO} )?(?:{_ISO}|[A-Z][a-z]{{2}} {{1,2}}\d{{1,2}} \d\d:\d\d:\d\d(?:\.\d+)?) \S+ postfix[^/\s]*/(?:[^/\s]+/)*[^/\s\[]+\[\d+\]: ",
         text,
@@ -244,9 +247,11 @@ def _header(lf: pl.LazyFrame, *, end_year: int, last_month: int | None, tz: str)
     )
     lf = lf.with_columns(c("_tag").str.find("[", literal=True).alias("_b"))
     h = c("_h").struct.field
+    keep = [n for n in ("_hash",) if n in lf.collect_schema().names()]
     return lf.select(
         "line_no",
         "line",
+        *keep,
         pl.when(c("_fast")).then(c("_host")).otherwise(h("host")).alias("host"),
         pl.when(~c("_fast")).then(h("prog")).when(c("_b").is_null()).then(c("_tag")).otherwise(c("_tag").str.head(c("_b"))).alias("prog"),
         pl.when(c("_fast")).then(line.str.slice(c("_p") + 2)).otherwise(_bslice(pl.when(~c("_fast")).then(line), h("hdr").str.len_bytes())).alias("msg"),
@@ -357,10 +362,14 @@ KINDS = pl.Enum(["dup", "nohdr", "other_prog", "delivery", "warning", "qmgr_from
 
 
 def _with_dups(lf: pl.LazyFrame, fidx: int, dup_hashes: pl.DataFrame | None) -> pl.LazyFrame:
+    """``_dup``: the line is identical to one of an earlier file (``dup_hashes``: hashes of the
+    lines seen in more than one file, with the first file's index).  ``_hash`` when present is
+    the hash of the line as read (a journal record before its conversion)."""
     if dup_hashes is None:
         return lf.with_columns(pl.lit(False).alias("_dup"))
+    have_hash = "_hash" in lf.collect_schema().names()
     return (
-        lf.with_columns(pl.col("line").hash().alias("_hash"))
+        lf.with_columns(pl.col("_hash") if have_hash else pl.col("line").hash().alias("_hash"))
         .join(dup_hashes.lazy(), on="_hash", how="left", maintain_order="left")
         .with_columns((pl.col("_first").is_not_null() & (fidx > pl.col("_first"))).alias("_dup"))
         .drop("_hash", "_first")
@@ -806,22 +815,27 @@ def _records(rec: pl.LazyFrame, ctx: pl.LazyFrame) -> tuple[pl.DataFrame, pl.Dat
     return att, con, (sender, mid, exp)
 
 
-def _blocks(files: list[SourceFile], options: LoadOptions) -> Iterator[tuple[pl.DataFrame, int, dict]]:
+def _blocks(files: list[SourceFile], options: LoadOptions) -> Iterator[tuple[pl.DataFrame, int, dict, bool]]:
     """Blocks of about :data:`BATCH_BYTES` of text (``line_no, line``; at most
-    :data:`BATCH_LINES` lines) of every file, in order, with the file's index and timestamp
-    settings."""
+    :data:`BATCH_LINES` lines) of every file, in order, with the file's index, timestamp
+    settings and whether it is a ``journalctl -o json`` export."""
     for fidx, sf in enumerate(files):
         last_month = _last_syslog_month(sf)
         ts_opts = dict(end_year=_end_year(sf, options, last_month), last_month=last_month, tz=options.tz)
+        journal = journald.is_journal_json(head(sf))
         for block in line_batches(sf, batch_bytes=BATCH_BYTES):
             for start in range(0, block.height, BATCH_LINES):
-                yield block.slice(start, BATCH_LINES).select("line_no", "line"), fidx, ts_opts
+                yield block.slice(start, BATCH_LINES).select("line_no", "line"), fidx, ts_opts, journal
 
 
-def _work(block: pl.DataFrame, fidx: int, ts_opts: dict, dup_hashes: pl.DataFrame | None, out: Path) -> tuple[pl.DataFrame, pl.DataFrame, Path, Path]:
+def _work(block: pl.DataFrame, fidx: int, ts_opts: dict, journal: bool, dup_hashes: pl.DataFrame | None, out: Path) -> tuple[pl.DataFrame, pl.DataFrame, Path, Path]:
     """One block, parsed: its accounting, and its records and context lines written to Parquet
     under ``out`` (lz4 without statistics: about half the time of the default zstd, and read
-    back once)."""
+    back once).  A journal export's records become the RFC 3339 lines they stand for; their
+    duplicates are found on the records as written (each has its own ``__CURSOR``)."""
+    if journal:
+        raw = block.get_column("line").hash().alias("_hash")
+        block = journald.to_syslog_lines(block).with_columns(raw)
     b = _parse_batch(_lines(block.lazy(), fidx, dup_hashes=dup_hashes, **ts_opts).collect(), fidx, **ts_opts)
     rec, ctx = out.with_suffix(".rec.parquet"), out.with_suffix(".ctx.parquet")
     b.records.write_parquet(rec, compression="lz4", statistics=False)
@@ -859,15 +873,15 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         done: list[tuple[pl.DataFrame, pl.DataFrame, Path, Path]] = []
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             pending: deque[Future] = deque()
-            for i, (block, fidx, ts_opts) in enumerate(_blocks(files, options)):
-                pending.append(pool.submit(_work, block, fidx, ts_opts, dup_hashes, Path(tmp) / f"{i}"))
+            for i, (block, fidx, ts_opts, journal) in enumerate(_blocks(files, options)):
+                pending.append(pool.submit(_work, block, fidx, ts_opts, journal, dup_hashes, Path(tmp) / f"{i}"))
                 del block
                 while len(pending) >= WORKERS:
                     done.append(pending.popleft().result())
             done.extend(f.result() for f in pending)
         if not done:  # only empty files: empty record tables of the right shape
             empty = pl.DataFrame(schema={"line_no": pl.Int64, "line": pl.String})
-            done.append(_work(empty, 0, dict(end_year=2000, last_month=None, tz=options.tz), None, Path(tmp) / "empty"))
+            done.append(_work(empty, 0, dict(end_year=2000, last_month=None, tz=options.tz), False, None, Path(tmp) / "empty"))
         counts, examples, rec_parts, ctx_parts = (list(x) for x in zip(*done))
         accounting = _accounting(counts, examples, files)
         att, con, ctx = _records(pl.scan_parquet(rec_parts), pl.scan_parquet(ctx_parts))
