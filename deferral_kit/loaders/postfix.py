@@ -593,7 +593,7 @@ def _category(lf: pl.LazyFrame) -> pl.LazyFrame:
     return lf.with_columns(category.cast(_CATEGORY).alias("category"), reason.alias("reason"))
 
 
-BATCH_BYTES = 64 << 20  # text read per block (about 380,000 syslog lines; bounds memory)
+BATCH_BYTES = 32 << 20  # text read per block (about 190,000 syslog lines; bounds memory)
 BATCH_LINES = 1_000_000  # and at most this many lines parsed per batch
 WORKERS = 2  # blocks parsed at once
 
@@ -843,25 +843,31 @@ def _work(block: pl.DataFrame, fidx: int, ts_opts: dict, journal: bool, dup_hash
     return b.counts, b.examples, rec, ctx
 
 
+def _duplicate_hashes(files: list[SourceFile]) -> pl.DataFrame:
+    """``_hash, _first``: hashes of lines found in more than one file (overlapping rotated
+    copies, a file given twice), with the first file holding each.  Only the 64-bit hashes
+    are kept (streamed from the files), and only the repeated ones are grouped."""
+    hashes = pl.concat(
+        [scan_lines([sf]).select(pl.lit(i, pl.Int32).alias("fidx"), pl.col("line").hash().alias("_hash")) for i, sf in enumerate(files)]
+    ).collect(engine="streaming")
+    return (
+        hashes.lazy()
+        .filter(pl.col("_hash").is_duplicated())
+        .group_by("_hash")
+        .agg(pl.col("fidx").min().alias("_first"), pl.col("fidx").n_unique().alias("_n"))
+        .filter(pl.col("_n") > 1)
+        .drop("_n")
+        .collect()
+    )
+
+
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """Read Postfix logs into attempts (one row per recipient per try), connection events
     and the line accounting (every line: attempt, connection, context, skipped, duplicate
     or malformed)."""
     if not files:
         return Load()
-    dup_hashes = None
-    if options.dedupe and len(files) > 1:
-        # A line already read from an earlier file (overlapping rotated copies) is a duplicate;
-        # only hashes seen in more than one file are kept, so the join table stays small.
-        dup_hashes = (
-            pl.concat([scan_lines([sf]).select(pl.lit(i, pl.Int32).alias("fidx"), "line") for i, sf in enumerate(files)])
-            .select("fidx", pl.col("line").hash().alias("_hash"))
-            .group_by("_hash")
-            .agg(pl.col("fidx").min().alias("_first"), pl.col("fidx").n_unique().alias("_n"))
-            .filter(pl.col("_n") > 1)
-            .drop("_n")
-            .collect(engine="streaming")
-        )
+    dup_hashes = _duplicate_hashes(files) if options.dedupe and len(files) > 1 else None
     # Lines are parsed in batches, each batch's records written to scratch Parquet files:
     # memory stays bounded whatever the file size, and the records read back own compact
     # buffers instead of pinning the raw line buffers their strings were sliced from.
