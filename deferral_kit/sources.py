@@ -12,6 +12,7 @@ import atexit
 import bz2
 import glob as globmod
 import gzip
+import itertools
 import lzma
 import mmap
 import os
@@ -39,6 +40,9 @@ _MAGIC = {
 }
 
 _tmpdir: tempfile.TemporaryDirectory | None = None
+
+
+_names = itertools.count()
 
 
 def _scratch() -> Path:
@@ -118,7 +122,7 @@ def _gunzip(src: Path, out: Path) -> None:
 def _decompress(sf: SourceFile) -> Path:
     if sf.compression is None:
         return sf.path
-    out = _scratch() / f"{len(list(_scratch().iterdir()))}_{sf.path.name}.txt"
+    out = _scratch() / f"{next(_names)}_{sf.path.name}.txt"  # (unique also when files are decompressed in parallel)
     try:
         if sf.compression == "gzip":
             _gunzip(sf.path, out)
@@ -227,6 +231,24 @@ def discover(inputs: list[str | os.PathLike]) -> list[SourceFile]:
             raise InputError(f"{p}: cannot read ({exc.strerror})") from exc
         out.append(SourceFile(path=p, compression=comp, mtime=mtime, from_directory=p.resolve() in expanded))
     return out
+
+
+def decompress_all(files: list[SourceFile], *, workers: int = 2) -> None:
+    """Decompress the compressed ones of ``files`` now, ``workers`` at a time (zlib, bz2, lzma
+    and zstd release the GIL), instead of one after the other when each is first read."""
+    todo = [sf for sf in files if sf.compression is not None and sf._readable is None]
+    if len(todo) < 2:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(sf: SourceFile) -> None:
+        try:
+            sf.readable
+        except InputError:
+            pass  # raised again where the file is first read, which decides what to do about it
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, todo))
 
 
 _LINE_CSV = dict(

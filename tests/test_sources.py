@@ -160,3 +160,26 @@ def test_lines_with_nul_bytes_are_read_not_fatal(tmp_path):
     scanned = scan_lines([sf]).collect()
     assert scanned["line_no"].to_list() == [1, 2, 3]
     assert scanned["line"][0].startswith("Nov 18 13:02:32 h postfix/smtp[1]: junk")
+
+
+def test_compressed_files_decompressed_in_parallel_keep_their_own_content(tmp_path):
+    """A rotated set of gzip files is decompressed two at a time: each file gets its own scratch
+    copy (no name collision) with its own lines, and a truncated one keeps its problem note."""
+    import gzip as gz
+
+    from deferral_kit.sources import decompress_all
+
+    for n in range(1, 7):
+        (tmp_path / f"mail.log.{n}.gz").write_bytes(gz.compress(f"file {n} line 1\nfile {n} line 2\n".encode()))
+    cut = gz.compress(b"".join(b"file 7 line %d\n" % i for i in range(1, 2000)))
+    (tmp_path / "mail.log.7.gz").write_bytes(cut[: len(cut) // 2])
+    files = discover([tmp_path])
+    decompress_all(files)
+    assert len({sf.readable for sf in files}) == 7
+    for sf in files:
+        n = int(sf.path.name.split(".")[2])
+        lines = scan_lines([sf]).collect()["line"].to_list()
+        assert lines[0] == f"file {n} line 1"
+        assert all(ln.startswith(f"file {n} ") for ln in lines if ln)
+    (seventh,) = [sf for sf in files if sf.path.name == "mail.log.7.gz"]
+    assert seventh.problems and "truncated gzip" in seventh.problems[0]

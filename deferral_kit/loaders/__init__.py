@@ -20,7 +20,7 @@ import polars as pl
 
 from .. import schema
 from ..accounting import Accounting
-from ..sources import InputError, SourceFile, discover, head
+from ..sources import InputError, SourceFile, decompress_all, discover, head
 
 # Detection order matters: more specific formats first.  Modules that do not exist yet
 # are skipped, so the registry can list formats before their loaders land.
@@ -126,6 +126,7 @@ def load(paths: list[str | os.PathLike] | str | os.PathLike, *, format: str = "a
         paths = [paths]
     options = options or LoadOptions(**kw)
     files = discover(list(paths))
+    decompress_all(files)
     reg = registry()
     if format != "auto" and format not in reg:
         raise InputError(f"unknown format {format!r}; known: auto, {', '.join(reg)}")
