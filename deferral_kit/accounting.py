@@ -82,7 +82,7 @@ class Accounting:
         return (
             self.table.group_by("format", "category", "reason")
             .agg(pl.col("lines").sum())
-            .sort(["category", "lines"], descending=[False, True])
+            .sort(["category", "lines", "reason", "format"], descending=[False, True, False, False])  # (ties by name: the same text every run)
         )
 
     def to_text(self, *, examples: bool = True) -> str:
