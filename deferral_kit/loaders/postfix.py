@@ -221,7 +221,7 @@ def _fast_ts(end_year: int, last_month: int | None, tz: str) -> pl.Expr:
     )
 
 
-def _header(lf: pl.LazyFrame, *, end_year: int, last_month: int | None, tz: str) -> pl.LazyFrame:
+def _header(lf: pl.LazyFrame, *, end_year: int, last_month: int | None, tz: str) -> pl.DataFrame:
     """Header fields of lines (``line_no, line``): line_no, line, host, prog, msg, and the
     timestamp (``ts`` for odd shapes; ``_fast, _iso, _se`` to compute it for the others).
 
@@ -229,31 +229,41 @@ def _header(lf: pl.LazyFrame, *, end_year: int, last_month: int | None, tz: str)
     ``stamp host tag[pid]: ``) are cut at the offsets of literal searches: the header of such
     a line is ASCII, so its byte offsets are character offsets.  Only other shapes (shipper
     prefix, fractional syslog seconds, single-space days, container prefixes) pay for the
-    capture regex, about ten times slower; its columns are null on the other lines."""
+    capture regex, about ten times slower, and only a block that has such lines computes
+    their columns."""
     line = pl.col("line")
     c = pl.col
     # (each intermediate is its own column: the engine would otherwise recompute shared
     # sub-expressions once per use)
     # the header ends at the first ": " (no stamp, host or tag holds one)
     lf = lf.with_columns(line.str.find(": ", literal=True).cast(pl.Int64).alias("_p"))
-    lf = lf.with_columns(line.str.head(c("_p")).str.contains(_FAST_HDR_RE).fill_null(False).alias("_fast"), (line.str.slice(4, 1) == "-").alias("_iso"))
+    first = lf.with_columns(line.str.head(c("_p")).str.contains(_FAST_HDR_RE).fill_null(False).alias("_fast"), (line.str.slice(4, 1) == "-").alias("_iso")).collect()
+    all_fast = first.height == 0 or bool(first.get_column("_fast").all())
+    lf = first.lazy()
     # the stamp ends after 15 characters (syslog) or at the first space (RFC 3339)
     lf = lf.with_columns(pl.when(c("_iso")).then(line.str.find(" ", literal=True).cast(pl.Int64)).otherwise(15).alias("_se"))
-    lf = lf.with_columns(pl.when(c("_fast")).then(line).str.slice(c("_se") + 1).alias("_rest"), pl.when(~c("_fast")).then(line).str.extract_groups(HEADER_RE).alias("_h"))
+    lf = lf.with_columns(pl.when(c("_fast")).then(line).str.slice(c("_se") + 1).alias("_rest"))
     lf = lf.with_columns(c("_rest").str.find(" ", literal=True).cast(pl.Int64).alias("_hs"))
     lf = lf.with_columns(
         c("_rest").str.head(c("_hs")).alias("_host"),
         c("_rest").str.slice(c("_hs") + 1, pl.when(c("_fast")).then(c("_p") - c("_se") - c("_hs") - 2)).alias("_tag"),
     )
     lf = lf.with_columns(c("_tag").str.find("[", literal=True).alias("_b"))
-    h = c("_h").struct.field
     keep = [n for n in ("_hash",) if n in lf.collect_schema().names()]
+    fast_prog = pl.when(c("_b").is_null()).then(c("_tag")).otherwise(c("_tag").str.head(c("_b")))
+    if all_fast:
+        return lf.select(
+            "line_no", "line", *keep, c("_host").alias("host"), fast_prog.alias("prog"), line.str.slice(c("_p") + 2).alias("msg"),
+            "_fast", "_iso", "_se", pl.lit(None, schema.UTC_DT).alias("ts"),
+        ).collect()
+    lf = lf.with_columns(pl.when(~c("_fast")).then(line).str.extract_groups(HEADER_RE).alias("_h"))
+    h = c("_h").struct.field
     return lf.select(
         "line_no",
         "line",
         *keep,
         pl.when(c("_fast")).then(c("_host")).otherwise(h("host")).alias("host"),
-        pl.when(~c("_fast")).then(h("prog")).when(c("_b").is_null()).then(c("_tag")).otherwise(c("_tag").str.head(c("_b"))).alias("prog"),
+        pl.when(~c("_fast")).then(h("prog")).otherwise(fast_prog).alias("prog"),
         pl.when(c("_fast")).then(line.str.slice(c("_p") + 2)).otherwise(_bslice(pl.when(~c("_fast")).then(line), h("hdr").str.len_bytes())).alias("msg"),
         "_fast",
         "_iso",
@@ -263,7 +273,7 @@ def _header(lf: pl.LazyFrame, *, end_year: int, last_month: int | None, tz: str)
             _iso_ts(h("iso")),
             _syslog_ts(end_year, last_month, tz, mon=_month_number(h("mon")), day=h("day"), hms=h("hms")),
         ).alias("ts"),
-    )
+    ).collect()
 
 
 # syslog_name (instance) "postfix…" and one daemon, ASCII: cut at the '/'; other tags go through PROG_RE
@@ -389,7 +399,7 @@ class _Batch:
 
 def _lines(lines: pl.LazyFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str, dup_hashes: pl.DataFrame | None) -> pl.LazyFrame:
     """Header, instance, daemon and ``kind`` of each line (``line_no, line``)."""
-    hdr = _header(lines, end_year=end_year, last_month=last_month, tz=tz).collect()
+    hdr = _header(lines, end_year=end_year, last_month=last_month, tz=tz)
     # A batch has a few dozen distinct tags: each is parsed once, and its fields gathered by
     # the tag's index (cheaper than a join).
     progs = _instance_daemon(hdr.lazy().select(pl.col("prog").drop_nulls().unique())).collect()
