@@ -493,7 +493,9 @@ def _kind(lf: pl.LazyFrame) -> pl.LazyFrame:
     pf_msg = pl.when(is_pf).then(msg)
     qmgr_msg = pl.when(daemon == "qmgr").then(msg)
     # a literal test first: the anchored regex then only confirms the few candidate lines
-    is_delivery = pl.when(is_pf & msg.str.contains(": to=", literal=True)).then(msg).str.contains(r"^[0-9A-Za-z]+: to=").fill_null(False)
+    # (a column of its own: it is used twice)
+    lf = lf.with_columns(pl.when(is_pf & msg.str.contains(": to=", literal=True)).then(msg).str.contains(r"^[0-9A-Za-z]+: to=").fill_null(False).alias("_deliv"))
+    is_delivery = pl.col("_deliv")
     smtp_msg = pl.when(daemon.is_in(("smtp", "lmtp")) & ~is_delivery).then(msg)
     # one pass for qmgr's three context shapes; literal tests then tell them apart
     qmgr_ctx = qmgr_msg.str.contains(r"^[0-9A-Za-z]+: (?:from=<[^>]*>, (?:size=\d|status=(?:force-)?expired)|removed$)").fill_null(False)
@@ -505,15 +507,15 @@ def _kind(lf: pl.LazyFrame) -> pl.LazyFrame:
         .when(~is_pf).then(pl.lit("other_prog"))
         .when(is_delivery & (daemon.is_in(DELIVERY_AGENTS) | (daemon == "qmgr"))).then(pl.lit("delivery"))
         .when(warning.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:warning|fatal|error|panic|info): ")).then(pl.lit("warning"))
-        .when(qmgr_ctx & msg.str.ends_with(": removed")).then(pl.lit("removed"))
-        .when(qmgr_ctx & msg.str.contains(">, size=", literal=True)).then(pl.lit("qmgr_from"))
+        .when(pl.when(qmgr_ctx).then(msg).str.ends_with(": removed")).then(pl.lit("removed"))
+        .when(pl.when(qmgr_ctx).then(msg).str.contains(">, size=", literal=True)).then(pl.lit("qmgr_from"))
         .when(qmgr_ctx).then(pl.lit("expired"))
         .when(pl.when(daemon == "cleanup").then(msg).str.contains(r"^[0-9A-Za-z]+: message-id=")).then(pl.lit("message_id"))
         .when(smtp_msg.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:host \S+ (?:said: |refused to talk to me)|connect to |lost connection with |conversation with |SASL authentication failed|certificate verification failed|SSL_connect error|TLS is required|Server certificate not verified)")).then(pl.lit("conn"))
         .otherwise(pl.lit("other"))
         .cast(KINDS)
     )
-    return lf
+    return lf.drop("_deliv")
 
 
 def _records_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
