@@ -16,6 +16,7 @@ Record numbers: for JSON lines ``line_no`` is the line; for a document it is the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import polars as pl
 
@@ -180,3 +181,41 @@ def collect(files: list[SourceFile], dtype: pl.Struct, plan) -> tuple[pl.DataFra
             problems.append(f"{sf.name}: JSON structure not understood ({why})")
             parts.append(plan(unreadable(sf, dtype, why)).collect())
     return pl.concat(parts), problems
+
+
+def collect_blocks(files: list[SourceFile], dtype: pl.Struct, plan, start: Callable[[], object],
+                   take: Callable[[object, pl.DataFrame], None]) -> tuple[object, list[str]]:
+    """:func:`collect` one file at a time: ``take(state, frame)`` receives each file's
+    ``plan(records)`` (in file order) and reduces it into ``state`` (made by ``start()``), so only
+    one file's decoded records are held at once.
+
+    Same fallbacks as :func:`collect`: if the fast path fails on any file, every file is read
+    again with the validity check (``state`` starts afresh); if a file still fails it is decoded
+    on its own or reported as one malformed record.  An input without records gives one empty frame.
+    Returns the state and the file-level problems.
+    """
+    problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
+    problems += [f"{sf.name}: file is empty" for sf in files if sf.readable.stat().st_size == 0]
+    blocks = [[sf] for sf in files if sf.readable.stat().st_size > 0] or [[]]
+    for check in (False, True):
+        state = start()
+        for blk in blocks:
+            try:
+                frame = plan(records(blk, dtype, check=check)).collect(engine="streaming")
+            except pl.exceptions.ComputeError:
+                break
+            take(state, frame)
+            del frame
+        else:
+            return state, problems
+    state = start()
+    for sf in files:
+        try:
+            frame = plan(records([sf], dtype, check=True)).collect(engine="streaming")
+        except pl.exceptions.ComputeError as exc:
+            why = str(exc).splitlines()[0][:200]
+            problems.append(f"{sf.name}: JSON structure not understood ({why})")
+            frame = plan(unreadable(sf, dtype, why)).collect()
+        take(state, frame)
+        del frame
+    return state, problems

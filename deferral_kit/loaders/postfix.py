@@ -351,19 +351,29 @@ def _delivery_fields(lf: pl.LazyFrame, d: pl.Expr) -> pl.LazyFrame:
     regex puts them (to/relay/kv values hold no ``", "``)."""
     c = pl.col
 
-    def split(col: str, sep: str, a: str, b: str) -> list[pl.Expr]:
-        s = c(col).str.splitn(sep, 2)
-        return [s.struct.field("field_0").alias(a), s.struct.field("field_1").alias(b)]
+    def split(lf: pl.LazyFrame, *parts: tuple[str, str, str, str]) -> pl.LazyFrame:
+        """``col`` cut at the first ``sep`` into ``a`` (all of it when there is none) and ``b``
+        (null then), as ``str.splitn(sep, 2)`` would, but with a literal search and byte
+        slices (a few times faster than building the struct)."""
+        lf = lf.with_columns(c(col).str.find(sep, literal=True).alias(f"_at_{a}") for col, sep, a, _ in parts)
+        return lf.with_columns(
+            e
+            for col, sep, a, b in parts
+            for e in (
+                pl.when(c(f"_at_{a}").is_null()).then(c(col)).otherwise(_bslice(c(col), 0, c(f"_at_{a}"))).alias(a),
+                _bslice(c(col), c(f"_at_{a}") + len(sep.encode())).alias(b),
+            )
+        ).drop(f"_at_{a}" for _, _, a, _ in parts)
 
     lf = lf.with_columns(d.alias("_d"))
-    lf = lf.with_columns(*split("_d", ", status=", "_pre", "_post"))
+    lf = split(lf, ("_d", ", status=", "_pre", "_post"))
     # DELIVERY_RE checked in two parts, so the regex does not scan the reason text
     ok = pl.col("_pre").str.contains(_DELIVERY_PRE_RE) & pl.col("_post").str.contains(r"^[A-Za-z-]+ \(") & pl.col("_post").str.ends_with(")")
     lf = lf.with_columns(pl.when(ok).then(pl.col(n)).alias(n) for n in ("_pre", "_post"))
-    lf = lf.with_columns(*split("_pre", ": to=", "queue_id", "_to_rest"), *split("_post", " (", "status", "_rsn"))
-    lf = lf.with_columns(*split("_to_rest", ", relay=", "_to_seg", "_relay_rest"), c("_rsn").str.strip_suffix(")").alias("rsn"))
-    lf = lf.with_columns(*split("_to_seg", ", orig_to=", "to", "orig"), *split("_relay_rest", ", dsn=", "_mid", "dsn"))
-    lf = lf.with_columns(*split("_mid", ", ", "relay", "kv"))
+    lf = split(lf, ("_pre", ": to=", "queue_id", "_to_rest"), ("_post", " (", "status", "_rsn"))
+    lf = split(lf, ("_to_rest", ", relay=", "_to_seg", "_relay_rest")).with_columns(c("_rsn").str.strip_suffix(")").alias("rsn"))
+    lf = split(lf, ("_to_seg", ", orig_to=", "to", "orig"), ("_relay_rest", ", dsn=", "_mid", "dsn"))
+    lf = split(lf, ("_mid", ", ", "relay", "kv"))
     return lf.with_columns((c("kv") + ", ").alias("kv")).drop("_d", "_pre", "_post", "_to_rest", "_rsn", "_to_seg", "_relay_rest", "_mid")
 
 

@@ -307,33 +307,18 @@ def _file_frame(fi: int, sf: SourceFile, reg: _Layouts, problems: list[str], ded
     return out.select(*keep, *ident, blank=blank, fidx=pl.lit(fi, dtype=pl.Int32))
 
 
-def load(files: list[SourceFile], options) -> "Load":
-    """Parse PowerMTA accounting files into attempts, ``tq`` connection events and the accounting."""
-    from . import Load
+_DUPLICATE = ("duplicate", "identical record in an earlier file")
 
-    tz = getattr(options, "tz", "UTC") or "UTC"
-    reg = _Layouts()
-    problems: list[str] = []
-    dedupe = getattr(options, "dedupe", True) and len(files) > 1
-    frames = [_file_frame(fi, sf, reg, problems, dedupe) for fi, sf in enumerate(files) if sf.readable.stat().st_size > 0]
-    problems += [f"{sf.name}: {p}" for sf in files for p in sf.problems]
-    if not frames:
-        return Load(accounting=Accounting(problems=problems))
-    lf = pl.concat(frames, how="vertical").lazy()
+
+def _category_reason() -> pl.Expr:
+    """``cr``: (category, reason) of a line of one file; a duplicate of a record in an earlier
+    file, which only the whole load can tell, is marked afterwards (it takes precedence over
+    every case but blank and header lines)."""
     rtype = pl.col("p_type").str.to_lowercase()
-
-    blank = pl.col("blank")
-    # The same record in an earlier file (a file given twice, overlapping copies) counts once.
-    if dedupe:
-        duplicate = ~blank & ~pl.col("is_header") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))
-    else:
-        duplicate = pl.lit(False)
-    category_reason = (
-        pl.when(duplicate)
-        .then(pl.struct(c=pl.lit("duplicate"), r=pl.lit("identical record in an earlier file")))
-        .when(pl.col("joined_into").is_not_null())
+    return (
+        pl.when(pl.col("joined_into").is_not_null())
         .then(pl.struct(c=pl.lit("context"), r=pl.lit("continuation of a multi-line CSV record")))
-        .when(blank).then(pl.struct(c=pl.lit("skipped"), r=pl.lit("empty line")))
+        .when(pl.col("blank")).then(pl.struct(c=pl.lit("skipped"), r=pl.lit("empty line")))
         .when(pl.col("is_header")).then(pl.struct(c=pl.lit("context"), r=pl.lit("header line")))
         .when(pl.col("layout").is_null())
         .then(pl.struct(c=pl.lit("malformed"), r=pl.lit("no header line and no known layout fits")))
@@ -347,8 +332,10 @@ def load(files: list[SourceFile], options) -> "Load":
         .when(rtype == "r").then(pl.struct(c=pl.lit("skipped"), r=pl.lit("r received record")))
         .otherwise(pl.struct(c=pl.lit("malformed"), r=pl.lit("unknown record type")))
     )
-    lf = lf.with_columns(cr=category_reason).with_columns(category=pl.col("cr").struct.field("c"), reason=pl.col("cr").struct.field("r"))
 
+
+def _parsed(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """The reply and remote-host fields of attempt and connection rows."""
     diag = pl.col("p_dsnDiag")
     diag_type = diag.str.extract(r"^([A-Za-z0-9-]+);", 1).str.to_lowercase()
     lf = lf.with_columns(
@@ -370,7 +357,7 @@ def load(files: list[SourceFile], options) -> "Load":
     local_failure = bcat.is_in(["no-answer-from-host", "bad-connection"]).fill_null(False) | (
         enhanced.str.starts_with("4.4.") & reply.str.contains(r"(?i)timed out|refused|no answer|unreachable|no route|unable to connect")
     ).fill_null(False)
-    lf = lf.with_columns(
+    return lf.with_columns(
         mx_host=pl.when(~host_is_ip).then(host),
         mx_ip=pl.coalesce(mta.struct.field("ip"), pl.when(host_is_ip).then(host), dest_ip),
         smtp_code=code,
@@ -378,14 +365,38 @@ def load(files: list[SourceFile], options) -> "Load":
         dsn=dsn,
         response=pl.when(reply != "").then(reply),
         remote=code.is_not_null() & (diag_type == "smtp").fill_null(False) & ~local_failure,
-    )
-    # Parse once: attempts, connections and the accounting all read this frame.
-    lf = lf.select(
-        "seq", "file", "line_no", "category", "reason", pl.selectors.starts_with("p_"),
-        "mx_host", "mx_ip", "smtp_code", "enhanced_code", "dsn", "response", "remote",
-    ).collect().lazy()
+    ).drop("_reply")
 
-    att = lf.filter(pl.col("category") == "attempt")
+
+def _conform(frame: pl.LazyFrame, columns) -> pl.LazyFrame:
+    """:func:`schema.conform` keeping ``seq`` at the end (for the steps over all files)."""
+    return pl.concat([schema.conform(frame, columns), frame.select("seq")], how="horizontal")
+
+
+def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """String columns copied into buffers of their own (a view would keep the file's whole
+    parse alive until the end of the load)."""
+    return frame.with_columns(pl.concat_str([pl.col(c), pl.lit("")]).alias(c) for c, d in frame.schema.items() if d == pl.String)
+
+
+def _file_parts(fi: int, sf: SourceFile, reg: _Layouts, problems: list[str], dedupe: bool, tz: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """One file parsed to the end: its slim per-line rows (``seq, file, line_no, category,
+    reason`` and the duplicate-check identity), its attempts (canonical columns plus ``seq``,
+    ``attempt`` still null) and its connection events.  Only the duplicate check and the
+    attempt numbers need the other files."""
+    frame = _file_frame(fi, sf, reg, problems, dedupe).with_columns(cr=_category_reason())
+    frame = frame.with_columns(category=pl.col("cr").struct.field("c"), reason=pl.col("cr").struct.field("r")).drop("cr")
+    ident = ["_h1", "_h2"] if dedupe else []
+    slim = frame.select(
+        "seq", "file", "line_no", "category", "reason", *ident,
+        _elig=~pl.col("blank") & ~pl.col("is_header"), fidx=pl.col("fidx"),
+    )
+    rows = _parsed(frame.filter(pl.col("category").is_in(["attempt", "connection"])).select(
+        "seq", "file", "line_no", "category", pl.selectors.starts_with("p_"),
+    ).lazy()).collect()
+    del frame
+    rtype = pl.col("p_type").str.to_lowercase()
+    bcat = pl.col("p_bounceCat").str.to_lowercase()
     rcpt = pl.col("p_rcpt")
     expired = (rtype == "b") & (bcat == "message-expired").fill_null(False)
     evidence = pl.col("p_dsnMta").is_not_null() | pl.col("p_dlvDestinationIp").is_not_null() | pl.col("remote")
@@ -395,7 +406,7 @@ def load(files: list[SourceFile], options) -> "Load":
         [pl.col("p_jobId").fill_null(""), pl.col("p_envId").fill_null(""), pl.col("p_timeQueued").fill_null(""), pl.col("p_orig").fill_null("")],
         separator="|",
     )
-    attempts = att.with_columns(
+    attempts = rows.lazy().filter(pl.col("category") == "attempt").with_columns(
         ts=ts,
         source=pl.lit(FORMAT),
         instance=pl.col("p_vmta"),
@@ -420,11 +431,9 @@ def load(files: list[SourceFile], options) -> "Load":
         size=pl.col("p_dlvSize").cast(pl.Int64, strict=False),
     ).with_columns(
         remote=((rtype == "d") | pl.col("remote")) & (pl.col("agent") != "internal"),
-        attempt=pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32),
     )
-    attempts = schema.conform(attempts.sort("seq"), schema.ATTEMPT_COLUMNS)
-
-    connections = lf.filter(pl.col("category") == "connection").with_columns(
+    attempts = _conform(attempts, schema.ATTEMPT_COLUMNS)
+    connections = rows.lazy().filter(pl.col("category") == "connection").with_columns(
         ts=ts,
         source=pl.lit(FORMAT),
         instance=pl.col("p_vmta"),
@@ -432,7 +441,76 @@ def load(files: list[SourceFile], options) -> "Load":
         recipient_domain=pl.col("p_queue").str.extract(r"^([^/]+)", 1).str.to_lowercase(),
         egress_ip=pl.col("p_dlvSourceIp"),
     )
-    connections = schema.conform(connections.sort("seq"), schema.CONNECTION_COLUMNS)
+    connections = _conform(connections, schema.CONNECTION_COLUMNS)
+    attempts, connections = pl.collect_all([attempts, connections])
+    return slim, _compact_strings(attempts), _compact_strings(connections)
 
-    accounting = account(lf.select("file", "line_no", "category", "reason"), files=files, fmt=FORMAT, problems=problems)
-    return Load(attempts=attempts, connections=connections, accounting=accounting)
+
+def _duplicates(slim: pl.DataFrame) -> pl.Series:
+    """True for a record identical to one in an earlier file (by two 64-bit hashes).  Only
+    lines whose first hash repeats are grouped (usually few or none)."""
+    first = slim.select(pl.col("_h1").is_first_distinct()).to_series()
+    dup = pl.repeat(False, slim.height, eager=True)
+    if not first.all():
+        again = slim["_h1"].filter(~first).unique()
+        cand = slim.select(pl.col("_h1").is_in(again.implode())).to_series()
+        sub = slim.filter(cand).select(pl.col("_elig") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))).to_series()
+        dup = dup.scatter(cand.arg_true(), sub)
+    return dup
+
+
+def _attempt_numbers(attempts: pl.DataFrame) -> pl.Series:
+    """Each row's try number within its (message_key, recipient), in ``seq`` order (rows are
+    in seq order).  A pair seen once (the usual case) is try 1; only pairs whose hash repeats
+    are ranked, on their real keys."""
+    pair = attempts.select(pl.struct("message_key", "recipient").hash()).to_series()
+    first = pair.is_first_distinct()
+    attempt = pl.repeat(1, attempts.height, dtype=pl.Int32, eager=True)
+    if not first.all():
+        again = pair.is_in(pair.filter(~first).unique().implode())
+        ranked = attempts.filter(again).select(pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32)).to_series()
+        attempt = attempt.scatter(again.arg_true(), ranked)
+    return attempt
+
+
+def load(files: list[SourceFile], options) -> "Load":
+    """Parse PowerMTA accounting files into attempts, ``tq`` connection events and the accounting.
+
+    One file at a time to the canonical rows (memory: a file's text and fields are dropped
+    before the next is read); the duplicate check and attempt numbers then run over all."""
+    from . import Load
+
+    tz = getattr(options, "tz", "UTC") or "UTC"
+    reg = _Layouts()
+    problems: list[str] = []
+    dedupe = getattr(options, "dedupe", True) and len(files) > 1
+    slims, tried, conns = [], [], []
+    for fi, sf in enumerate(files):
+        if sf.readable.stat().st_size > 0:
+            slim, att, con = _file_parts(fi, sf, reg, problems, dedupe, tz)
+            slims.append(slim)
+            tried.append(att)
+            conns.append(con)
+    problems += [f"{sf.name}: {p}" for sf in files for p in sf.problems]
+    if not slims:
+        return Load(accounting=Accounting(problems=problems))
+    slim = pl.concat(slims)
+    attempts = pl.concat(tried)
+    connections = pl.concat(conns)
+    del slims, tried, conns
+    if dedupe:
+        dup = _duplicates(slim)
+        if dup.any():
+            slim = slim.with_columns(
+                category=pl.when(dup).then(pl.lit(_DUPLICATE[0])).otherwise(pl.col("category")),
+                reason=pl.when(dup).then(pl.lit(_DUPLICATE[1])).otherwise(pl.col("reason")),
+            )
+            dup_seq = slim.filter(dup).select("seq")
+            attempts = attempts.join(dup_seq, on="seq", how="anti", maintain_order="left")
+            connections = connections.join(dup_seq, on="seq", how="anti", maintain_order="left")
+        del dup
+    if not attempts["seq"].is_sorted():
+        attempts = attempts.sort("seq")
+    attempts = attempts.with_columns(attempt=_attempt_numbers(attempts)).drop("seq")
+    accounting = account(slim.lazy().select("file", "line_no", "category", "reason"), files=files, fmt=FORMAT, problems=problems)
+    return Load(attempts=attempts.lazy(), connections=connections.drop("seq").lazy(), accounting=accounting)
