@@ -675,12 +675,16 @@ def _record_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
     """Canonical fields of delivery records and connection events (null on other lines)."""
     c = pl.col
     # relay=host[ip]:port split at the brackets (as ^([^\[]+)\[ and ^[^\[]+\[([^\]]*)\] would capture)
-    br = c("relay").str.splitn("[", 2)
-    lf = lf.with_columns(br.struct.field("field_0").alias("_rh"), br.struct.field("field_1").str.splitn("]", 2).alias("_ri"))
-    named = (c("_rh").str.len_bytes() > 0) & c("_ri").struct.field("field_0").is_not_null()
+    lf = lf.with_columns(c("relay").str.find("[", literal=True).alias("_b1"))
+    lf = lf.with_columns(
+        pl.when(c("_b1").is_null()).then(c("relay")).otherwise(_bslice(c("relay"), 0, c("_b1"))).alias("_rh"),
+        _bslice(c("relay"), c("_b1") + 1).alias("_after"),
+    )
+    lf = lf.with_columns(c("_after").str.find("]", literal=True).alias("_b2"))
+    named = (c("_rh").str.len_bytes() > 0) & c("_after").is_not_null()
     lf = lf.with_columns(
         pl.when(named).then(c("_rh")).alias("_relay_host"),
-        pl.when(named & c("_ri").struct.field("field_1").is_not_null()).then(c("_ri").struct.field("field_0")).alias("_relay_ip"),
+        pl.when(named & c("_b2").is_not_null()).then(_bslice(c("_after"), 0, c("_b2"))).alias("_relay_ip"),
         c("daemon").is_in(("smtp", "lmtp")).alias("_remote_agent"),
         pl.coalesce(c("reply"), c("rtext")).alias("response"),
         c("kv").str.extract(r"(?:^|, )delay=([\d.]+)", 1).cast(pl.Float64).alias("delay_s"),
@@ -700,7 +704,7 @@ def _record_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
         c("status").replace_strict(STATUS_OUTCOME, default=None, return_dtype=pl.String).alias("outcome"),
         (c("_is_reply") & ~c("suspended").fill_null(False) & c("_remote_agent")).alias("remote"),
         (c("ts") - pl.duration(microseconds=(c("delay_s") * 1e6).round().cast(pl.Int64))).alias("queued_at"),
-    ).drop("_rh", "_ri", "_relay_host", "_relay_ip", "_remote_agent", "_is_reply", "_reply_text")
+    ).drop("_rh", "_b1", "_b2", "_after", "_relay_host", "_relay_ip", "_remote_agent", "_is_reply", "_reply_text")
 
 
 def _final_stage() -> pl.Expr:
