@@ -14,7 +14,6 @@ import glob as globmod
 import gzip
 import itertools
 import lzma
-import mmap
 import os
 import re
 import shutil
@@ -274,36 +273,39 @@ def line_batches(sf: SourceFile, *, batch_bytes: int = 48 << 20) -> Iterator[pl.
     """The lines of one file as :func:`scan_lines` gives them (``file, line_no, line``), in
     frames of about ``batch_bytes`` of text each, read one after the other: memory stays
     bounded by the batch whatever the file size, and no batch re-reads earlier ones (as a
-    ``slice`` of a scan would).  The file is memory-mapped, so a block is copied once."""
+    ``slice`` of a scan would).
+
+    Each block is read straight into the bytes the CSV reader parses (file reads and the
+    parse release the GIL, so other threads go on); a block that ends inside a line drops
+    that partial line, which the next block starts with."""
     path = sf.readable
     size = path.stat().st_size
-    if size == 0:
-        return
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        start, next_no = 0, 1
+    next_no, start = 1, 0
+    with open(path, "rb", buffering=0) as fh:
         while start < size:
-            end = min(start + batch_bytes, size)
-            if end < size:
-                # whole lines only: cut after the block's last newline, or after the end of a
-                # line longer than the block
-                nl = mm.rfind(b"\n", start, end)
-                if nl < 0:
-                    nl = mm.find(b"\n", end)
-                end = size if nl < 0 else nl + 1
-            buf = mm[start:end]
-            # The mapped pages count as this process's memory until released: drop the ones
-            # read (they stay in the page cache), so memory stays bounded by the block.
-            done = end - end % mmap.PAGESIZE
-            if done > start - start % mmap.PAGESIZE:
-                mm.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE, done - (start - start % mmap.PAGESIZE))
-            start = end
+            want = batch_bytes
+            while True:
+                fh.seek(start)
+                buf = fh.read(want)
+                at_end = start + len(buf) >= size
+                # whole lines only: a line longer than the block makes the block longer
+                if at_end or buf.rfind(b"\n") >= 0:
+                    break
+                want *= 2
+            keep = len(buf) if at_end else buf.rfind(b"\n") + 1
             if b"\x00" in buf:
                 # Binary junk: keep the whole line, NULs shown as U+FFFD, so it is counted
                 # (as malformed or skipped) like any other unreadable line.
-                buf = buf.replace(b"\x00", "\ufffd".encode())
+                buf = buf[:keep].replace(b"\x00", "\ufffd".encode())
+                keep_rows = None
+            else:
+                keep_rows = None if keep == len(buf) else buf.count(b"\n", 0, keep)
             df = pl.read_csv(buf, row_index_offset=next_no, **_LINE_CSV)
+            if keep_rows is not None:
+                df = df.head(keep_rows)  # the partial last line comes again with the next block
             cr = b"\r" in buf
             del buf
+            start += keep
             next_no += df.height
             yield _line_frame(df.lazy(), sf.name, cr=cr).collect()
 
