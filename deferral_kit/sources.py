@@ -240,11 +240,11 @@ def decompress_all(files: list[SourceFile], *, workers: int = 2) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(sf: SourceFile) -> None:
+    def one(sf: SourceFile) -> Path | None:
         try:
-            sf.readable
+            return sf.readable
         except InputError:
-            pass  # raised again where the file is first read, which decides what to do about it
+            return None  # raised again where the file is first read, which decides what to do about it
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(one, todo))

@@ -957,7 +957,7 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         if not done:  # only empty files: empty record tables of the right shape
             empty = pl.DataFrame(schema={"line_no": pl.Int64, "line": pl.String})
             done.append(_work(empty, 0, dict(end_year=2000, last_month=None, tz=options.tz), False, None, Path(tmp) / "empty"))
-        counts, examples, rec_parts, ctx_parts = (list(x) for x in zip(*done))
+        counts, examples, rec_parts, ctx_parts = (list(x) for x in zip(*done, strict=True))
         accounting = _accounting(counts, examples, files)
         att, con, ctx = _records(pl.scan_parquet(rec_parts), pl.scan_parquet(ctx_parts))
     names = [sf.name for sf in files]
