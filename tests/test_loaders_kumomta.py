@@ -129,3 +129,22 @@ def test_sniff_is_specific():
     # SparkPost/Postmark-style events use other keys or lower-case types.
     assert not kumomta.sniff('{"type":"delivery","raw_rcpt_to":"a@b","num_retries":"0"}')
     assert not kumomta.sniff('{"RecordType":"Delivery","MessageID":"x"}')
+
+
+def test_small_blocks_number_attempts_across_blocks(tmp_path, monkeypatch):
+    # Each block is decoded on its own; the attempt numbers and the duplicate check run over
+    # all of them and must not depend on where the blocks are cut.
+    from polars.testing import assert_frame_equal
+
+    src = Path(__file__).parent / "fixtures" / "kumomta" / "ms_452_retry_then_delivery.jsonl"
+    shutil.copy(src, tmp_path / "a.jsonl")
+    shutil.copy(src, tmp_path / "b.jsonl")
+    whole = load(tmp_path, format="kumomta")
+    monkeypatch.setattr(kumomta, "_BATCH_BYTES", 200)
+    small = load(tmp_path, format="kumomta")
+    assert_frame_equal(whole.attempts.collect(), small.attempts.collect())
+    assert_frame_equal(whole.accounting.table, small.accounting.table)
+    assert_frame_equal(whole.accounting.examples, small.accounting.examples)
+    att = small.attempts.collect()
+    assert att.height > 1 and att["attempt"].max() > 1
+    assert small.accounting.count("duplicate") > 0

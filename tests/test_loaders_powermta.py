@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from deferral_kit import schema
 from deferral_kit.loaders import detect, load, powermta
@@ -216,3 +217,24 @@ def test_csv_fast_path_and_careful_path_agree(tmp_path, extra):
     assert att["response"][0] == "452 4.3.1 Insufficient system resources, try later"
     assert att["egress_pool"].to_list() == ["pool-ms", "vmta-ms1"]  # empty vmtaPool → the vmta
     assert att["attempt"].to_list() == [1, 2] and att["line_no"].to_list() == [2, 3]
+
+
+def _tables(res):
+    acc = res.accounting
+    return res.attempts.collect(), res.connections.collect(), acc.table, acc.examples
+
+
+def test_blocks_read_the_same_as_one_block(tmp_path, monkeypatch):
+    # A file read by the CSV parser is read block by block (the header only in the first);
+    # a second file repeating some records is checked for duplicates across them.  Tiny
+    # blocks must give the same tables as one block per file.
+    (tmp_path / "a.csv").write_text(_HEADER + _ROWS.replace("\nt,2026-11-17 10:31", "\nx,2026-11-17 10:31") * 5)
+    (tmp_path / "b.csv").write_text(_HEADER + _ROWS.splitlines(keepends=True)[0] + _ROWS.splitlines(keepends=True)[0].replace("ann@", "cy@"))
+    whole = _tables(load(tmp_path, format="powermta"))
+    monkeypatch.setattr(powermta, "_BLOCK_BYTES", 300)
+    blocks = _tables(load(tmp_path, format="powermta"))
+    for a, b in zip(whole, blocks):
+        assert_frame_equal(a, b)
+    att, _, table, _ = blocks
+    assert att.height == 11 and att["attempt"].to_list()[:4] == [1, 2, 3, 4]
+    assert table.filter(pl.col("category") == "duplicate")["lines"].sum() == 1

@@ -514,6 +514,15 @@ def _parse_block(rec: pl.DataFrame, *, identity: bool) -> pl.DataFrame:
     )
 
 
+def _beside(left: pl.DataFrame, right: pl.LazyFrame, on: str) -> pl.DataFrame:
+    """``left.join(right, on=on, how="left", maintain_order="left")`` with only the key column
+    joined and the right side's columns put beside ``left`` (no copy of left's columns)."""
+    got = left.lazy().select(on).join(right, on=on, how="left", maintain_order="left").collect()
+    if got.height != left.height:  # a key repeated on the right: rows multiply
+        return left.lazy().join(right, on=on, how="left", maintain_order="left").collect()
+    return left.hstack(got.drop(on))
+
+
 def _compact(text: pl.Expr) -> pl.Expr:
     """The strings copied into a buffer of their own."""
     return pl.concat_str([text, pl.lit("")])
@@ -597,11 +606,59 @@ def load(files: list[SourceFile], options) -> "Load":
     if reused:  # otherwise every arrival has a key of its own already
         arrivals = arrivals.unique("message_key", keep="first")
 
-    att = (
-        rec.filter(pl.col("category") == "attempt")
-        .join(details, on="seq", how="left", maintain_order="left")
-        .join(arrivals, on="message_key", how="left", maintain_order="left")
+    # Memory: connections and the accounting first, then the per-line rows are dropped
+    # before the attempts are built; each join of the attempt rows is made on the key column
+    # alone and its result put beside them, so the wide rows are not copied by every join.
+    arrivals = arrivals.collect()
+    att = rec.filter(pl.col("category") == "attempt").select("seq", "file", "line_no", "ts", "log_host", "queue_id", "flag", "message_key").collect()
+    conn_rows = rec.filter(pl.col("category") == "connection").collect()
+    # (the few detail rows of per-host lines picked first: a join against all of them is large)
+    conn_details = details.filter(pl.col("seq").is_in(conn_rows["seq"].implode()))
+    conn_rows = conn_rows.lazy().join(conn_details, on="seq", how="left", maintain_order="left")
+    ph = pl.col("rest").str.extract_groups(
+        r"^(?:H=)?(?:(?P<host>[^\s\[]\S*) \[(?P<ip>[^\]]+)\](?::\d+)?\*?:? )?(?P<text>.*)$"
     )
+    pse = ph.struct.field("text").str.extract_groups(_SMTP_ERR)
+    creply = join_reply_lines(pse.struct.field("reply"))
+    text = ph.struct.field("text")
+    connections = conn_rows.with_columns(
+        source=pl.lit(FORMAT),
+        event=pl.when(pse.struct.field("reply").is_not_null()).then(pl.lit("said"))
+        .when(text.str.contains(r"(?i)timed out")).then(pl.lit("timeout"))
+        .when(text.str.contains(r"(?i)TLS|certificate")).then(pl.lit("tls_failed"))
+        .when(text.str.contains(r"(?i)closed connection|lost connection|connection reset")).then(pl.lit("lost_connection"))
+        .otherwise(pl.lit("connect_failed")),
+        recipient_domain=pse.struct.field("cmd").str.extract(r"RCPT TO:<[^>]*@([^>]+)>", 1).str.to_lowercase(),
+        mx_host=_clean_host(pl.coalesce(ph.struct.field("host"), pse.struct.field("ohost"))),
+        mx_ip=pl.coalesce(ph.struct.field("ip"), pse.struct.field("oip")),
+        smtp_code=creply.str.extract(r"^(\d{3})\b", 1).cast(pl.Int16, strict=False),
+        enhanced_code=creply.str.extract(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b", 1),
+        smtp_stage=smtp_stage(pse.struct.field("cmd")),
+        response=pl.coalesce(creply, text),
+        egress_ip=pl.lit(None, dtype=pl.String),
+    )
+    # A connection failure's "==" line names no host ("defer (110): Connection timed out");
+    # Exim logged the host it tried last just before, in the same delivery run.
+    connections = connections.collect()
+    last_host = (
+        connections.filter(pl.col("mx_host").is_not_null() & pl.col("message_key").is_not_null())
+        .select("seq", "message_key", c_host="mx_host", c_ip="mx_ip", c_ts="ts")
+        .lazy()
+    )
+    connections = schema.conform(connections.lazy(), schema.CONNECTION_COLUMNS).collect()
+    classified = rec.select("file", "line_no", "category", "reason", "text")
+    problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
+    accounting = account(classified, files=files, fmt=FORMAT, problems=problems)
+    del rec, conn_rows, conn_details, classified
+    # (every attempt row has its detail row, both in seq order: a filter lines them up)
+    sub = details.filter(pl.col("seq").is_in(att["seq"].implode())).collect()
+    if sub.height == att.height and sub["seq"].equals(att["seq"]):
+        att = att.hstack(sub.drop("seq"))
+    else:
+        att = _beside(att, details, "seq")
+    del details, sub
+    att = _beside(att, arrivals.lazy(), "message_key").lazy()
+    del arrivals
     has_host = pl.col("mx_host").is_not_null()
     remote_transport = t_is("remote")
     give_up = pl.col("give_up")
@@ -643,11 +700,7 @@ def load(files: list[SourceFile], options) -> "Load":
     # attempt: the try's rank within its (message, recipient).  Grouping a million rows by two
     # strings is slow and large; a recipient tried once (the usual case) is try 1, and only
     # pairs whose hash repeats are ranked.
-    tries = (
-        rec.filter(pl.col("category") == "attempt").select("seq", "message_key")
-        .join(details.select("seq", recipient="rcpt"), on="seq", how="left", maintain_order="left")
-        .collect()
-    )
+    tries = att.select("seq", "message_key", recipient="rcpt").collect()
     pair = tries.select(pl.struct("message_key", "recipient").hash()).to_series()
     first = pair.is_first_distinct()
     attempt = pl.repeat(1, tries.height, dtype=pl.Int32, eager=True)
@@ -655,8 +708,9 @@ def load(files: list[SourceFile], options) -> "Load":
         again = pair.is_in(pair.filter(~first).unique().implode())
         ranked = tries.filter(again).select(pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32)).to_series()
         attempt = attempt.scatter(again.arg_true(), ranked)
-    tries = tries.select("seq", attempt=attempt)
-    attempts = attempts.join(tries.lazy(), on="seq", how="left", maintain_order="left").with_columns(
+    # (tries are the attempt rows in the same order: the numbers go beside them)
+    del tries, pair, first
+    attempts = attempts.with_columns(attempt=pl.lit(attempt)).with_columns(
         # C="..." on a remote delivery is the reply to the end of the data; a positive errno
         # without a reply is the connection itself failing (Exim logs no stage for either).
         smtp_stage=pl.coalesce(
@@ -666,35 +720,6 @@ def load(files: list[SourceFile], options) -> "Load":
         ),
     )
 
-    conn_rows = rec.filter(pl.col("category") == "connection").join(details, on="seq", how="left", maintain_order="left")
-    ph = pl.col("rest").str.extract_groups(
-        r"^(?:H=)?(?:(?P<host>[^\s\[]\S*) \[(?P<ip>[^\]]+)\](?::\d+)?\*?:? )?(?P<text>.*)$"
-    )
-    pse = ph.struct.field("text").str.extract_groups(_SMTP_ERR)
-    creply = join_reply_lines(pse.struct.field("reply"))
-    text = ph.struct.field("text")
-    connections = conn_rows.with_columns(
-        source=pl.lit(FORMAT),
-        event=pl.when(pse.struct.field("reply").is_not_null()).then(pl.lit("said"))
-        .when(text.str.contains(r"(?i)timed out")).then(pl.lit("timeout"))
-        .when(text.str.contains(r"(?i)TLS|certificate")).then(pl.lit("tls_failed"))
-        .when(text.str.contains(r"(?i)closed connection|lost connection|connection reset")).then(pl.lit("lost_connection"))
-        .otherwise(pl.lit("connect_failed")),
-        recipient_domain=pse.struct.field("cmd").str.extract(r"RCPT TO:<[^>]*@([^>]+)>", 1).str.to_lowercase(),
-        mx_host=_clean_host(pl.coalesce(ph.struct.field("host"), pse.struct.field("ohost"))),
-        mx_ip=pl.coalesce(ph.struct.field("ip"), pse.struct.field("oip")),
-        smtp_code=creply.str.extract(r"^(\d{3})\b", 1).cast(pl.Int16, strict=False),
-        enhanced_code=creply.str.extract(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b", 1),
-        smtp_stage=smtp_stage(pse.struct.field("cmd")),
-        response=pl.coalesce(creply, text),
-        egress_ip=pl.lit(None, dtype=pl.String),
-    )
-    # A connection failure's "==" line names no host ("defer (110): Connection timed out");
-    # Exim logged the host it tried last just before, in the same delivery run.
-    last_host = (
-        connections.filter(pl.col("mx_host").is_not_null() & pl.col("message_key").is_not_null())
-        .select("seq", "message_key", c_host="mx_host", c_ip="mx_ip", c_ts="ts")
-    )
     attempts = (
         # rec is in seq order (files in order, lines in order) and filters and left joins keep it.
         attempts.join_asof(last_host, on="seq", by="message_key", strategy="backward", check_sortedness=False)
@@ -707,10 +732,5 @@ def load(files: list[SourceFile], options) -> "Load":
             mx_ip=pl.when(pl.col("_fill")).then(pl.col("c_ip")).otherwise(pl.col("mx_ip")),
         )
     )
-    attempts = schema.conform(attempts, schema.ATTEMPT_COLUMNS)
-    connections = schema.conform(connections, schema.CONNECTION_COLUMNS)
-
-    classified = rec.select("file", "line_no", "category", "reason", "text")
-    problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
-    accounting = account(classified, files=files, fmt=FORMAT, problems=problems)
-    return Load(attempts=attempts, connections=connections, accounting=accounting)
+    attempts = schema.conform(attempts, schema.ATTEMPT_COLUMNS).collect()
+    return Load(attempts=attempts.lazy(), connections=connections.lazy(), accounting=accounting)

@@ -28,7 +28,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, scan_lines
 from . import Load, LoadOptions
-from .generic import account, block_lines, byte_blocks, domain_of, number_attempts, squash_spaces
+from .generic import account, block_lines, byte_blocks, domain_of, squash_spaces
 
 FORMAT = "kumomta"
 
@@ -267,6 +267,39 @@ def _canonical(recs: pl.LazyFrame) -> pl.LazyFrame:
 _BATCH_BYTES = 16 << 20
 
 
+def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """String columns copied into buffers of their own, in one chunk (so that the attempt
+    numbers added later do not make polars rechunk the block then)."""
+    return frame.with_columns(pl.concat_str([pl.col(c), pl.lit("")]).alias(c) for c, d in frame.schema.items() if d == pl.String).rechunk()
+
+
+def _first_distinct(recs: pl.DataFrame) -> pl.Series:
+    """``struct(_h1, _h2, rec_no).is_first_distinct()``, grouping only the rows whose first
+    hash repeats (usually few: a struct of every row costs hundreds of MB)."""
+    first = recs.select(pl.col("_h1").is_first_distinct()).to_series()
+    if first.all():
+        return first
+    cand = recs.select(pl.col("_h1").is_in(recs["_h1"].filter(~first).unique().implode())).to_series()
+    sub = recs.filter(cand).select(pl.struct("_h1", "_h2", "rec_no").is_first_distinct()).to_series()
+    return pl.repeat(True, recs.height, eager=True).scatter(cand.arg_true(), sub)
+
+
+def _attempt_numbers(keys: pl.DataFrame) -> pl.Series:
+    """``attempt`` as :func:`number_attempts` (``sort=False``) derives it: the rank of a row's
+    time order (ts, file, line_no) within its (message_key, recipient).  A pair seen once (the
+    usual case) is try 1; only pairs whose hash repeats are grouped, on their real keys."""
+    order = keys.select(pl.arg_sort_by(["ts", "file", "line_no"], nulls_last=True).arg_sort()).to_series()
+    pair = keys.select(pl.struct("message_key", "recipient").hash()).to_series()
+    first = pair.is_first_distinct()
+    attempt = pl.repeat(1, keys.height, dtype=pl.Int32, eager=True)
+    if not first.all():
+        again = pair.is_in(pair.filter(~first).unique().implode())
+        sub = keys.select("message_key", "recipient").with_columns(_order=order).filter(again)
+        ranked = sub.select(pl.col("_order").rank("ordinal").over("message_key", "recipient").cast(pl.Int32)).to_series()
+        attempt = attempt.scatter(again.arg_true(), ranked)
+    return attempt
+
+
 def load(files: list[SourceFile], options: LoadOptions) -> Load:
     """KumoMTA log files → attempts (one row per recipient per Delivery/TransientFailure/Bounce/Expiration);
     no connection events (KumoMTA logs one record per try)."""
@@ -290,14 +323,17 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
             pl.col("line").hash(11).alias("_h1"),
             pl.col("line").hash(29).alias("_h2"),
         )
-        slim.append(recs.select("file", "line_no", "rec_no", "valid", "_blank", "_type", "_h1", "_h2"))
-        tried.append(_canonical(recs.lazy().filter(pl.col("valid") & pl.col("_type").is_in(_TYPES))).collect())
+        # (the file name as a categorical: 4 bytes a line instead of a 16-byte view)
+        slim.append(recs.select(pl.col("file").cast(pl.Categorical), "line_no", "rec_no", "valid", "_blank", "_type", "_h1", "_h2"))
+        # (strings copied: a view would keep the block's decoded records alive to the end)
+        tried.append(_compact_strings(_canonical(recs.lazy().filter(pl.col("valid") & pl.col("_type").is_in(_TYPES))).collect()))
+        del recs, decoded
     if not slim:
         return Load(accounting=Accounting(problems=[f"{sf.name}: {p}" for sf in files for p in sf.problems]))
     recs = pl.concat(slim)
     if options.dedupe:
         # The same record read twice (overlapping copies of a segment) counts once.
-        first = pl.when(pl.col("valid") & pl.col("_type").is_not_null()).then(pl.struct("_h1", "_h2", "rec_no").is_first_distinct()).otherwise(True)
+        first = pl.when(pl.col("valid") & pl.col("_type").is_not_null()).then(_first_distinct(recs)).otherwise(True)
     else:
         first = pl.lit(True)
     recs = recs.with_columns(first.alias("_first"))
@@ -324,14 +360,28 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
         .then(pl.lit(None, dtype=pl.String))
         .when(pl.col("_type").is_null())
         .then(pl.lit("not a KumoMTA record (no type)"))
-        .otherwise(pl.col("_type").replace_strict(_SKIP_REASON, default=pl.concat_str(pl.lit("unknown record type "), pl.col("_type"))))
+        .otherwise(
+            # (the text for an unknown type is built on those rows only)
+            pl.col("_type").replace_strict(_SKIP_REASON, default=None).fill_null(
+                pl.concat_str(pl.lit("unknown record type "), pl.when(~pl.col("_type").is_in(list(_SKIP_REASON))).then(pl.col("_type")))
+            )
+        )
     )
-    classified = recs.lazy().select("file", "line_no", category.alias("category"), reason.alias("reason"))
+    # (categoricals: the accounting groups small codes per line, not strings)
+    # (computed once, not by each of the accounting's queries)
+    classified = recs.select("file", "line_no", category.cast(pl.Categorical).alias("category"), reason.cast(pl.Categorical).alias("reason")).lazy()
     problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
     accounting = account(classified, files=files, fmt=FORMAT, problems=problems)
-    attempts = pl.concat(tried)
-    dups = recs.filter(~pl.col("_first")).select("file", "line_no", "rec_no")
+    dups = recs.filter(~pl.col("_first")).select(pl.col("file").cast(pl.String), "line_no", "rec_no")
     if dups.height:
-        attempts = attempts.join(dups, on=["file", "line_no", "rec_no"], how="anti", maintain_order="left")
-    attempts = number_attempts(attempts.lazy().drop("rec_no"), sort=False).collect().lazy()
+        tried = [t.join(dups, on=["file", "line_no", "rec_no"], how="anti", maintain_order="left") for t in tried]
+    # The attempt numbers are added block by block (a column of one chunk beside a frame of
+    # many chunks would copy the whole table).
+    numbers = _attempt_numbers(pl.concat([t.select("ts", "file", "line_no", "message_key", "recipient") for t in tried]))
+    parts, offset = [], 0
+    for t in tried:
+        parts.append(t.with_columns(pl.col("attempt").cast(pl.Int32, strict=False).fill_null(numbers.slice(offset, t.height))).drop("rec_no"))
+        offset += t.height
+    attempts = pl.concat(parts, rechunk=False).lazy()
+    del tried, parts, numbers
     return Load(attempts=attempts, connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

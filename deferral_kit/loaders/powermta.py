@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Iterator
 
 import polars as pl
 
@@ -43,7 +44,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, head, scan_lines
 from .exim import _localize
-from .generic import account, squash_spaces
+from .generic import account, block_lines, byte_blocks, squash_spaces
 
 FORMAT = "powermta"
 
@@ -233,15 +234,15 @@ def _fields_by_regex(lf: pl.LazyFrame, layouts: list[list[str]]) -> pl.LazyFrame
     return lf.with_columns(**{k: pl.when(v != "").then(v) for k, v in cols.items()}, width=width).drop("f")
 
 
-def _fields_by_csv(sf: SourceFile, lines: pl.DataFrame, layout: list[str], has_header: bool) -> pl.DataFrame | None:
-    """The fast path: the file read by the CSV parser, row for row beside its lines, or None
+def _fields_by_csv(source, lines: pl.DataFrame, layout: list[str], has_header: bool) -> pl.DataFrame | None:
+    """The fast path: the file (or a block of its bytes) read by the CSV parser, row for row beside its lines, or None
     when the parser rejects it (more fields than the header) so the careful path reads it.
 
     Only called for a file with one layout, no blank lines and no line with an odd number of
     quotes, so each line is one record."""
     try:
         rows = pl.read_csv(
-            sf.readable, has_header=False, skip_rows=1 if has_header else 0, new_columns=layout,
+            source, has_header=False, skip_rows=1 if has_header else 0, new_columns=layout,
             schema={c: pl.String for c in layout}, quote_char='"', encoding="utf8-lossy", truncate_ragged_lines=False,
         )
     except pl.exceptions.PolarsError:
@@ -265,46 +266,70 @@ def _fields_by_csv(sf: SourceFile, lines: pl.DataFrame, layout: list[str], has_h
         **{f"p_{n}": pl.lit(None, dtype=pl.String) for n in _WANT}, p_msgid=pl.lit(None, dtype=pl.String),
         nf=pl.lit(None, dtype=pl.Int32), width=pl.lit(len(layout), dtype=pl.Int32),
     )
-    return pl.concat([head_rows, out.select(head_rows.columns)]).sort("line_no")
+    # (the header, if any, is the first line: already in line order)
+    return pl.concat([head_rows, out.select(head_rows.columns)])
 
 
-def _file_frame(fi: int, sf: SourceFile, reg: _Layouts, problems: list[str], dedupe: bool) -> pl.DataFrame:
-    """One file's lines with their fields (``p_*``), layout and record checks."""
-    lines = scan_lines([sf]).collect()
-    is_header = pl.col("line").str.contains(_HEADERISH) & pl.col("line").str.contains(r"(?i)timeLogged")
-    lines = lines.with_columns(is_header=is_header, seq=pl.lit(fi << 36, dtype=pl.Int64) + pl.col("line_no"))
-    table = _file_layouts(sf, lines, reg, problems)
-    n_headers = int(lines["is_header"].sum())
-    header_first = n_headers == 0 or (n_headers == 1 and bool(lines["is_header"][0]))
-    simple = (
-        lines.height > 0
-        and header_first
-        and table.height == 1
-        and table["layout"][0] is not None
-        and not lines.select(
-            ((pl.col("line").str.count_matches('"', literal=True) % 2 == 1) | (pl.col("line").str.strip_chars() == "")).any()
-        ).item()
-    )
-    out = None
-    if simple:
-        k = table["layout"][0]
-        base = lines.with_columns(
-            record=pl.col("line"), joined_into=pl.lit(None, dtype=pl.Int64), unclosed=pl.lit(False),
-            seg=pl.col("is_header").cast(pl.Int32).cum_sum(), layout=pl.lit(k, dtype=pl.Int32),
-        )
-        out = _fields_by_csv(sf, base, reg.layouts[k], n_headers == 1)
-    if out is None:
-        out = (
-            _joined_records(lines.lazy())
-            .with_columns(seg=pl.col("is_header").cast(pl.Int32).cum_sum())
-            .join(table.lazy(), on=["file", "seg"], how="left", maintain_order="left")
-            .pipe(_fields_by_regex, reg.layouts)
-            .collect()
-        )
+_IS_HEADER = pl.col("line").str.contains(_HEADERISH) & pl.col("line").str.contains(r"(?i)timeLogged")
+_IRREGULAR = (pl.col("line").str.count_matches('"', literal=True) % 2 == 1) | (pl.col("line").str.strip_chars() == "")
+_BLOCK_BYTES = 16 << 20
+
+
+def _finish(fi: int, out: pl.DataFrame, dedupe: bool) -> pl.DataFrame:
     blank = pl.col("line").str.strip_chars() == ""
     ident = [pl.col("record").hash(11).alias("_h1"), pl.col("record").hash(29).alias("_h2")] if dedupe else []
     keep = ["seq", "file", "line_no", "is_header", "joined_into", "unclosed", "layout", "nf", "width", *[f"p_{n}" for n in _WANT], "p_msgid"]
     return out.select(*keep, *ident, blank=blank, fidx=pl.lit(fi, dtype=pl.Int32))
+
+
+def _file_frames(fi: int, sf: SourceFile, reg: _Layouts, problems: list[str], dedupe: bool) -> Iterator[pl.DataFrame | None]:
+    """One file's lines with their fields (``p_*``), layout and record checks, in blocks.
+
+    A first pass over the file's blocks finds its header lines and whether every line is a
+    one-line record of one layout (the usual file); such a file is then read block by block
+    by the CSV parser, so memory holds one block's text at a time.  Any other file, or one
+    whose block the parser rejects (then ``None`` is yielded first: what came before is void),
+    is read whole by the careful path."""
+    heads, n_lines, n_headers, first_is_header, irregular = [], 0, 0, False, False
+    for n, data in byte_blocks(sf, batch_bytes=_BLOCK_BYTES):
+        lines = block_lines(sf, n, data)
+        st = lines.select(h=_IS_HEADER.sum(), f=_IS_HEADER.first(), i=_IRREGULAR.any()).row(0)
+        if n_lines == 0:
+            first_is_header = bool(st[1])
+        n_lines += lines.height
+        n_headers += int(st[0] or 0)
+        irregular = irregular or bool(st[2])
+        heads.append(lines.filter(pl.col("line").str.contains(_HEADERISH)))
+        del lines, data
+    heads = pl.concat(heads) if heads else pl.DataFrame(schema={"file": pl.String, "line_no": pl.Int64, "line": pl.String})
+    table = _file_layouts(sf, heads, reg, problems)
+    header_first = n_headers == 0 or (n_headers == 1 and first_is_header)
+    simple = n_lines > 0 and header_first and table.height == 1 and table["layout"][0] is not None and not irregular
+    if simple:
+        k = table["layout"][0]
+        for n, data in byte_blocks(sf, batch_bytes=_BLOCK_BYTES):
+            lines = block_lines(sf, n, data).with_columns(is_header=_IS_HEADER, seq=pl.lit(fi << 36, dtype=pl.Int64) + pl.col("line_no"))
+            base = lines.with_columns(
+                record=pl.col("line"), joined_into=pl.lit(None, dtype=pl.Int64), unclosed=pl.lit(False),
+                seg=pl.col("is_header").cast(pl.Int32).cum_sum(), layout=pl.lit(k, dtype=pl.Int32),
+            )
+            out = _fields_by_csv(data, base, reg.layouts[k], n_headers == 1 and n == 1)
+            if out is None:
+                yield None
+                break
+            yield _finish(fi, out, dedupe)
+        else:
+            return
+    lines = scan_lines([sf]).collect()
+    lines = lines.with_columns(is_header=_IS_HEADER, seq=pl.lit(fi << 36, dtype=pl.Int64) + pl.col("line_no"))
+    out = (
+        _joined_records(lines.lazy())
+        .with_columns(seg=pl.col("is_header").cast(pl.Int32).cum_sum())
+        .join(table.lazy(), on=["file", "seg"], how="left", maintain_order="left")
+        .pipe(_fields_by_regex, reg.layouts)
+        .collect()
+    )
+    yield _finish(fi, out, dedupe)
 
 
 _DUPLICATE = ("duplicate", "identical record in an earlier file")
@@ -379,12 +404,12 @@ def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(pl.concat_str([pl.col(c), pl.lit("")]).alias(c) for c, d in frame.schema.items() if d == pl.String)
 
 
-def _file_parts(fi: int, sf: SourceFile, reg: _Layouts, problems: list[str], dedupe: bool, tz: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """One file parsed to the end: its slim per-line rows (``seq, file, line_no, category,
-    reason`` and the duplicate-check identity), its attempts (canonical columns plus ``seq``,
+def _block_parts(frame: pl.DataFrame, dedupe: bool, tz: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """One block of a file (from :func:`_file_frames`) parsed to the end: its slim per-line
+    rows (``seq, file, line_no, category, reason`` and the duplicate-check identity), its attempts (canonical columns plus ``seq``,
     ``attempt`` still null) and its connection events.  Only the duplicate check and the
     attempt numbers need the other files."""
-    frame = _file_frame(fi, sf, reg, problems, dedupe).with_columns(cr=_category_reason())
+    frame = frame.with_columns(cr=_category_reason())
     frame = frame.with_columns(category=pl.col("cr").struct.field("c"), reason=pl.col("cr").struct.field("r")).drop("cr")
     ident = ["_h1", "_h2"] if dedupe else []
     slim = frame.select(
@@ -486,8 +511,15 @@ def load(files: list[SourceFile], options) -> "Load":
     dedupe = getattr(options, "dedupe", True) and len(files) > 1
     slims, tried, conns = [], [], []
     for fi, sf in enumerate(files):
-        if sf.readable.stat().st_size > 0:
-            slim, att, con = _file_parts(fi, sf, reg, problems, dedupe, tz)
+        if sf.readable.stat().st_size == 0:
+            continue
+        done = len(slims)
+        for frame in _file_frames(fi, sf, reg, problems, dedupe):
+            if frame is None:  # the file is read again by the careful path
+                del slims[done:], tried[done:], conns[done:]
+                continue
+            slim, att, con = _block_parts(frame, dedupe, tz)
+            del frame
             slims.append(slim)
             tried.append(att)
             conns.append(con)
@@ -495,9 +527,8 @@ def load(files: list[SourceFile], options) -> "Load":
     if not slims:
         return Load(accounting=Accounting(problems=problems))
     slim = pl.concat(slims)
-    attempts = pl.concat(tried)
     connections = pl.concat(conns)
-    del slims, tried, conns
+    del slims, conns
     if dedupe:
         dup = _duplicates(slim)
         if dup.any():
@@ -506,11 +537,16 @@ def load(files: list[SourceFile], options) -> "Load":
                 reason=pl.when(dup).then(pl.lit(_DUPLICATE[1])).otherwise(pl.col("reason")),
             )
             dup_seq = slim.filter(dup).select("seq")
-            attempts = attempts.join(dup_seq, on="seq", how="anti", maintain_order="left")
+            tried = [t.join(dup_seq, on="seq", how="anti", maintain_order="left") for t in tried]
             connections = connections.join(dup_seq, on="seq", how="anti", maintain_order="left")
         del dup
-    if not attempts["seq"].is_sorted():
-        attempts = attempts.sort("seq")
-    attempts = attempts.with_columns(attempt=_attempt_numbers(attempts)).drop("seq")
+    # Files come in seq order and each file's rows in line order.  The attempt numbers are
+    # added file by file (a column of one chunk beside frames of several would copy them all).
+    numbers = _attempt_numbers(pl.concat([t.select("seq", "message_key", "recipient") for t in tried]))
+    offsets = [0]
+    for t in tried:
+        offsets.append(offsets[-1] + t.height)
+    attempts = pl.concat([t.with_columns(attempt=numbers.slice(o, t.height)).drop("seq") for t, o in zip(tried, offsets)], rechunk=False)
+    del tried, numbers
     accounting = account(slim.lazy().select("file", "line_no", "category", "reason"), files=files, fmt=FORMAT, problems=problems)
     return Load(attempts=attempts.lazy(), connections=connections.drop("seq").lazy(), accounting=accounting)
