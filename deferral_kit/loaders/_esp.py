@@ -9,11 +9,12 @@ of them: duplicate records, the accounting, attempt numbering and the canonical 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import polars as pl
 
 from .. import schema
-from ..accounting import EXAMPLES_PER_REASON, Accounting
+from ..accounting import EXAMPLES_PER_REASON, TABLE_SCHEMA, Accounting
 from ..sources import SourceFile
 from . import Load, _json
 
@@ -140,11 +141,16 @@ def number_attempts(frame: pl.DataFrame) -> pl.Series:
 
 def run(files: list[SourceFile], *, fmt: str, dtype: pl.Struct, classify: Callable[[pl.LazyFrame], pl.LazyFrame],
         rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool) -> Load:
-    """Load one ESP's files: decode (``_json``), ``classify`` each record, then :func:`finish`."""
+    """Load one ESP's files: decode (``_json``), ``classify`` each record, then :func:`finish`.
+
+    Files are decoded one at a time (:func:`_json.collect_blocks`) and each is reduced at once to
+    what the result needs (see :class:`_Reduced`), so the decoded records of only one file are
+    held, never those of the whole input."""
     # The record hash (for duplicates) is computed inside the streaming plan: hashing a whole
     # struct column at once materialises a row encoding as large as the records.
-    recs, problems = _json.collect(files, dtype, lambda lf: classify(lf).with_columns(pl.col("rec").hash().alias("_hash")))
-    return finish(recs, fmt=fmt, rows=rows, dedupe=dedupe, problems=problems)
+    plan = lambda lf: classify(lf).with_columns(pl.col("rec").hash().alias("_hash"))
+    red, problems = _json.collect_blocks(files, dtype, plan, lambda: _Reduced(rows=rows, dedupe=dedupe, fmt=fmt), _Reduced.take)
+    return red.finish(problems)
 
 
 def finish(records: pl.DataFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool, problems: list[str]) -> Load:
@@ -153,32 +159,92 @@ def finish(records: pl.DataFrame, *, fmt: str, rows: Callable[[pl.LazyFrame], pl
     ``attempt_given`` when the ESP numbers its tries), possibly several rows per record (one per
     recipient).  Records identical to one already read (webhook retries, the same export given
     twice, SES SNS and Firehose copies) are counted as ``duplicate`` when ``dedupe``."""
-    recs = records if "_hash" in records.columns else records.with_columns(pl.col("rec").hash().alias("_hash"))
-    if dedupe:
-        # A 64-bit hash of the decoded record stands in for its text (collisions are negligible
-        # at millions of records), so no copy of every record's JSON is kept.
-        dup = (pl.col("category") == "attempt") & ~pl.col("_hash").is_first_distinct()
-        recs = recs.with_columns(
-            pl.when(dup).then(pl.lit("duplicate")).otherwise("category").alias("category"),
-            pl.when(dup).then(pl.lit("identical record already read")).otherwise("reason").alias("reason"),
+    red = _Reduced(rows=rows, dedupe=dedupe, fmt=fmt)
+    red.take(records)
+    return red.finish(problems)
+
+
+class _Reduced:
+    """What :func:`finish` needs of the records, kept block by block (blocks in input order).
+
+    Nothing is kept per record but its 64-bit hash (duplicates are found across blocks with the
+    hashes of the blocks read before): the accounting keeps the line count per (file, category,
+    reason) and the first ``EXAMPLES_PER_REASON`` records of each (within a block: together
+    a superset of the first ones overall), the only ones the examples can come from; the
+    attempt rows are mapped (``rows``) per block."""
+
+    _KEYS: ClassVar[list[str]] = ["file", "category", "reason"]
+
+    def __init__(self, *, rows: Callable[[pl.LazyFrame], pl.LazyFrame], dedupe: bool, fmt: str) -> None:
+        self.rows, self.dedupe, self.fmt = rows, dedupe, fmt
+        self.counts: list[pl.DataFrame] = []
+        self.firsts: list[pl.DataFrame] = []
+        self.att: list[pl.DataFrame] = []
+        self.seen: pl.Series | None = None
+        self.height = 0
+        self.files: dict[str, None] = {}
+        self.reasons: set[str] = set()
+
+    def take(self, records: pl.DataFrame) -> None:
+        recs = records if "_hash" in records.columns else records.with_columns(pl.col("rec").hash().alias("_hash"))
+        if self.dedupe:
+            # A 64-bit hash of the decoded record stands in for its text (collisions are negligible
+            # at millions of records), so no copy of every record's JSON is kept.
+            h = pl.col("_hash")
+            repeat = ~h.is_first_distinct()
+            if self.seen is not None and self.seen.len():
+                repeat = repeat | h.is_in(self.seen.implode())
+            dup = (pl.col("category") == "attempt") & repeat
+            recs = recs.with_columns(
+                pl.when(dup).then(pl.lit("duplicate")).otherwise("category").alias("category"),
+                pl.when(dup).then(pl.lit("identical record already read")).otherwise("reason").alias("reason"),
+            )
+            self.seen = recs["_hash"] if self.seen is None else pl.concat([self.seen, recs["_hash"]], rechunk=True)
+        self.height += recs.height
+        self.files.update(dict.fromkeys(recs["file"].unique(maintain_order=True).to_list()))
+        self.reasons.update(recs["reason"].drop_nulls().unique().to_list())
+        self.counts.append(recs.group_by(self._KEYS).agg(pl.len().alias("lines")))
+        # The record's JSON is only rendered for the few rows per reason the accounting may keep
+        # as examples, not for millions of parsed records.
+        shown = pl.coalesce(pl.col("text"), pl.col("rec").struct.json_encode().str.replace_all(r'"[^"]*":null,?', "")).str.slice(0, 500)
+        self.firsts.append(
+            recs.filter(pl.int_range(pl.len()).over(self._KEYS) < EXAMPLES_PER_REASON)
+            .select("file", "line_no", "category", "reason", shown.alias("_shown"))
         )
-    # The record's JSON is only rendered for the few rows per reason the accounting keeps as
-    # examples, not for millions of parsed records.
-    keys = ["file", "category", "reason"]
-    shown = pl.coalesce(pl.col("text"), pl.col("rec").struct.json_encode().str.replace_all(r'"[^"]*":null,?', "")).str.slice(0, 500)
-    example = recs.select((pl.int_range(pl.len()).over(keys) < EXAMPLES_PER_REASON).alias("_ex")).to_series()
-    cols = ["file", "line_no", "category", "reason"]
-    classified = pl.concat([
-        recs.filter(~example).select(*cols, pl.lit(None, pl.String).alias("text")),
-        recs.filter(example).select(*cols, shown.alias("text")),
-    ]).lazy()
-    accounting = Accounting.from_classified(classified, fmt=fmt, problems=problems)
-    if recs.height and not accounting.count("attempt"):
-        files = recs["file"].unique(maintain_order=True).to_list()
-        accounting.problems.append(f"{', '.join(files)}: no delivery attempts (only {', '.join(sorted(set(recs['reason'].drop_nulls())))[:300]})")
-    att = rows(recs.lazy().filter(pl.col("category") == "attempt"))
-    if "attempt_given" not in att.collect_schema():
-        att = att.with_columns(pl.lit(None, pl.Int64).alias("attempt_given"))
-    att = att.with_columns(pl.lit(fmt).alias("source")).collect()
-    att = att.with_columns(number_attempts(att)).drop("attempt_given")
-    return Load(attempts=schema.conform(att.lazy()), connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)
+        att = self.rows(recs.lazy().filter(pl.col("category") == "attempt"))
+        if "attempt_given" not in att.collect_schema():
+            att = att.with_columns(pl.lit(None, pl.Int64).alias("attempt_given"))
+        self.att.append(att.with_columns(pl.lit(self.fmt).alias("source")).collect())
+
+    def _accounting(self, problems: list[str]) -> Accounting:
+        """The accounting of all records: line counts per (file, category, reason), and as examples
+        the first EXAMPLES_PER_REASON records of each with their text."""
+        # Positions over the kept rows are the positions overall for the first N of each key.
+        firsts = pl.concat(self.firsts).with_columns(pl.int_range(pl.len()).over(self._KEYS).alias("_pos"))
+        n = EXAMPLES_PER_REASON
+        cols = ["file", "line_no", "category", "reason"]
+        # (only the first N of each key, with their text: the examples are what is asked of it)
+        classified = firsts.filter(pl.col("_pos") < n).select(*cols, pl.col("_shown").alias("text")).lazy()
+        accounting = Accounting.from_classified(classified, fmt=self.fmt, problems=problems)
+        # The line counts (from_classified counts the rows it is given: here only the first ones).
+        table = (
+            pl.concat(self.counts).group_by(self._KEYS).agg(pl.col("lines").sum())
+            .select("file", pl.lit(self.fmt).alias("format"), "category", pl.col("reason").fill_null(""), pl.col("lines").cast(pl.Int64))
+        )
+        accounting.table = table.cast(dict(TABLE_SCHEMA)).sort("file", "category", "reason")
+        return accounting
+
+    def finish(self, problems: list[str]) -> Load:
+        accounting = self._accounting(problems)
+        if self.height and not accounting.count("attempt"):
+            accounting.problems.append(f"{', '.join(self.files)}: no delivery attempts (only {', '.join(sorted(self.reasons))[:300]})")
+        attempt = number_attempts(pl.concat(self.att))
+        # The attempt numbers are added block by block: a column of one chunk beside the
+        # blocks' chunks would make polars copy the whole table into single chunks.
+        parts, at = [], 0
+        for part in self.att:
+            parts.append(part.with_columns(attempt.slice(at, part.height)).drop("attempt_given"))
+            at += part.height
+        self.att = []
+        att = pl.concat(parts)
+        return Load(attempts=schema.conform(att.lazy()), connections=schema.empty(schema.CONNECTION_COLUMNS), accounting=accounting)

@@ -183,39 +183,69 @@ def collect(files: list[SourceFile], dtype: pl.Struct, plan) -> tuple[pl.DataFra
     return pl.concat(parts), problems
 
 
+WHOLE_FILE_BYTES = 384 << 20  # JSON lines files up to this size are decoded in one streaming pass
+BLOCK_BYTES = 64 << 20  # larger ones in blocks of about this much text
+
+
+def _pieces(sf: SourceFile, dtype: pl.Struct, check: bool):
+    """The records of one (non-empty) file as lazy frames of bounded size: JSON lines of a file
+    larger than :data:`WHOLE_FILE_BYTES` in blocks of about :data:`BLOCK_BYTES` (line numbers
+    as in the whole file; a streaming pass over a whole file is faster but holds its decoded
+    records); smaller files, documents and concatenated objects whole (their record numbers
+    count over the file)."""
+    layout = _layout(sf)
+    if layout in ("single", "batches") and sf.readable.stat().st_size > WHOLE_FILE_BYTES:
+        from .generic import block_lines, byte_blocks
+
+        for line_no, data in byte_blocks(sf, batch_bytes=BLOCK_BYTES):
+            yield _decode(block_lines(sf, line_no, data).lazy(), dtype, layout=layout, check=check)
+    else:
+        yield _decode(_raw(sf, layout), dtype, layout=layout, check=check)
+
+
 def collect_blocks(files: list[SourceFile], dtype: pl.Struct, plan, start: Callable[[], object],
                    take: Callable[[object, pl.DataFrame], None]) -> tuple[object, list[str]]:
-    """:func:`collect` one file at a time: ``take(state, frame)`` receives each file's
-    ``plan(records)`` (in file order) and reduces it into ``state`` (made by ``start()``), so only
-    one file's decoded records are held at once.
+    """:func:`collect` block by block: ``take(state, frame)`` receives ``plan(records)`` of each
+    block of lines (:func:`_pieces`, in input order) and reduces it into ``state`` (made by
+    ``start()``), so only one block's decoded records are held at once.
 
-    Same fallbacks as :func:`collect`: if the fast path fails on any file, every file is read
-    again with the validity check (``state`` starts afresh); if a file still fails it is decoded
-    on its own or reported as one malformed record.  An input without records gives one empty frame.
+    Same fallbacks as :func:`collect`: if the fast path fails on any block, every file is read
+    again with the validity check (``state`` starts afresh); if a file still fails it is
+    reported as one malformed record.  An input without records gives one empty frame.
     Returns the state and the file-level problems.
     """
     problems = [f"{sf.name}: {p}" for sf in files for p in sf.problems]
     problems += [f"{sf.name}: file is empty" for sf in files if sf.readable.stat().st_size == 0]
-    blocks = [[sf] for sf in files if sf.readable.stat().st_size > 0] or [[]]
+    full = [sf for sf in files if sf.readable.stat().st_size > 0]
     for check in (False, True):
         state = start()
-        for blk in blocks:
-            try:
-                frame = plan(records(blk, dtype, check=check)).collect(engine="streaming")
-            except pl.exceptions.ComputeError:
+        if not full:
+            take(state, plan(records([], dtype, check=check)).collect(engine="streaming"))
+            return state, problems
+        failed = False
+        for sf in full:
+            for piece in _pieces(sf, dtype, check):
+                try:
+                    frame = plan(piece).collect(engine="streaming")
+                except pl.exceptions.ComputeError:
+                    failed = True
+                    break
+                take(state, frame)
+                del frame
+            if failed:
                 break
-            take(state, frame)
-            del frame
-        else:
+        if not failed:
             return state, problems
     state = start()
-    for sf in files:
+    for sf in full:
+        # A file is taken whole or not at all: one malformed record stands for it.
         try:
-            frame = plan(records([sf], dtype, check=True)).collect(engine="streaming")
+            frames = [plan(piece).collect(engine="streaming") for piece in _pieces(sf, dtype, True)]
         except pl.exceptions.ComputeError as exc:
             why = str(exc).splitlines()[0][:200]
             problems.append(f"{sf.name}: JSON structure not understood ({why})")
-            frame = plan(unreadable(sf, dtype, why)).collect()
-        take(state, frame)
-        del frame
+            frames = [plan(unreadable(sf, dtype, why)).collect()]
+        for frame in frames:
+            take(state, frame)
+        del frames
     return state, problems
