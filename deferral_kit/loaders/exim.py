@@ -35,7 +35,7 @@ import polars.selectors  # noqa: F401
 
 from .. import schema
 from ..sources import SourceFile, scan_lines
-from .generic import account, squash_spaces
+from .generic import account, owned, squash_spaces
 
 FORMAT = "exim"
 
@@ -418,7 +418,7 @@ def _parse_block(rec: pl.DataFrame, *, identity: bool) -> pl.DataFrame:
         fsender=tail.str.extract(r"(?:^| )F=<([^>]*)>", 1),
         errno=defer.struct.field("errno").cast(pl.Int32, strict=False),
         msg=pl.when(flag == "==").then(pl.coalesce(defer.struct.field("msg"), defer.struct.field("strerr"))).when(flag == "**").then(pl.coalesce(fail_msg, tail)),
-        message_id=_compact(pl.when(flag == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1))),
+        message_id=owned(pl.when(flag == "<=").then(pl.col("tail").str.extract(r"(?:^| )id=(\S+)", 1))),
     ).drop("_dtail", "tail", "colon", "_defer", "_bs")
     msg = pl.col("msg")
     rec = rec.with_columns(_se=msg.str.extract_groups(_SMTP_ERR))
@@ -498,7 +498,7 @@ def _parse_block(rec: pl.DataFrame, *, identity: bool) -> pl.DataFrame:
         "egress_ip", "qt", "dsize", "fsender", "errno", "mx_host", "mx_ip", "proto", "smtp_stage",
         "smtp_code", "enhanced_code", *ident,
         # (a failure's message may be the whole tail of its line: copied, not a view into the block)
-        response=_compact(pl.col("response")),
+        response=owned(pl.col("response")),
         # Memory: what the later steps ask of the message and C= as flags, category and reason
         # as categoricals, and the sparse text columns copied (a column filtered by when/then
         # still holds the buffer of every line it came from).
@@ -508,8 +508,8 @@ def _parse_block(rec: pl.DataFrame, *, identity: bool) -> pl.DataFrame:
         category=pl.lit(cats).gather(codes),
         reason=pl.lit(reasons).gather(codes),
         message_id="message_id",
-        rest=_compact(pl.when(codes.is_in([_C["per-host SMTP error"], _C["per-host connection failure"]])).then(pl.col("rest"))),
-        text=_compact(pl.when(pl.lit(pl.Series([c in ("skipped", "malformed") for c, _ in _CR])).gather(codes)).then(pl.col("line"))),
+        rest=owned(pl.when(codes.is_in([_C["per-host SMTP error"], _C["per-host connection failure"]])).then(pl.col("rest"))),
+        text=owned(pl.when(pl.lit(pl.Series([c in ("skipped", "malformed") for c, _ in _CR])).gather(codes)).then(pl.col("line"))),
         _code=codes,
     )
 
@@ -521,11 +521,6 @@ def _beside(left: pl.DataFrame, right: pl.LazyFrame, on: str) -> pl.DataFrame:
     if got.height != left.height:  # a key repeated on the right: rows multiply
         return left.lazy().join(right, on=on, how="left", maintain_order="left").collect()
     return left.hstack(got.drop(on))
-
-
-def _compact(text: pl.Expr) -> pl.Expr:
-    """The strings copied into a buffer of their own."""
-    return pl.concat_str([text, pl.lit("")])
 
 
 def load(files: list[SourceFile], options) -> "Load":

@@ -364,4 +364,16 @@ def load_mapping(path: str) -> dict:
     return data
 
 
-__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches", "byte_blocks", "block_lines")
+def owned(text: pl.Expr) -> pl.Expr:
+    """The strings of ``text`` copied into a buffer of their own.  Strings cut from a large
+    block are views into it: kept, they keep the whole block alive; after a filter, they are
+    scattered over it and every later string operation waits on memory."""
+    return pl.concat_str([text, pl.lit("")])
+
+
+def owned_strings(frame: pl.DataFrame) -> pl.DataFrame:
+    """Every string column of ``frame`` through :func:`owned`."""
+    return frame.with_columns(owned(pl.col(c)).alias(c) for c, d in frame.schema.items() if d == pl.String)
+
+
+__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches", "byte_blocks", "block_lines", "owned", "owned_strings")

@@ -28,7 +28,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, scan_lines
 from . import Load, LoadOptions
-from .generic import account, block_lines, byte_blocks, domain_of, squash_spaces
+from .generic import account, block_lines, byte_blocks, domain_of, owned_strings, squash_spaces
 
 FORMAT = "kumomta"
 
@@ -270,7 +270,7 @@ _BATCH_BYTES = 16 << 20
 def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
     """String columns copied into buffers of their own, in one chunk (so that the attempt
     numbers added later do not make polars rechunk the block then)."""
-    return frame.with_columns(pl.concat_str([pl.col(c), pl.lit("")]).alias(c) for c, d in frame.schema.items() if d == pl.String).rechunk()
+    return owned_strings(frame).rechunk()
 
 
 def _first_distinct(recs: pl.DataFrame) -> pl.Series:

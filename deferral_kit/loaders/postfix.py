@@ -68,6 +68,7 @@ from .. import schema
 from ..accounting import EXAMPLE_SCHEMA, EXAMPLES_PER_REASON, TABLE_SCHEMA, Accounting
 from ..sources import SourceFile, head, line_batches, scan_lines
 from . import Load, LoadOptions, journald
+from .generic import owned
 
 FORMAT = "postfix"
 
@@ -432,12 +433,12 @@ def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: i
 
     # The texts of a kind's lines are copied into one buffer first: as views into the block
     # they would be scattered over it, and every later step would wait on memory.
-    stamp = (c("line").str.head(40) + "").alias("line")  # all a header's timestamp needs
-    rec = lines.lazy().filter(kind.is_in(("delivery", "conn"))).with_columns((c("msg") + "").alias("msg"), stamp).with_columns(ts)
+    stamp = owned(c("line").str.head(40)).alias("line")  # all a header's timestamp needs
+    rec = lines.lazy().filter(kind.is_in(("delivery", "conn"))).with_columns(owned(c("msg")).alias("msg"), stamp).with_columns(ts)
     rec = _category(_records_fields(rec)).collect()
     ctx = lines.lazy().filter(kind.is_in(_CONTEXT_KINDS))
     # only expiry lines need their time
-    ctx = ctx.with_columns((c("msg") + "").alias("msg"), pl.when(kind == "expired").then(stamp), pl.when(kind == "expired").then(c("ts")).alias("ts"))
+    ctx = ctx.with_columns(owned(c("msg")).alias("msg"), pl.when(kind == "expired").then(stamp), pl.when(kind == "expired").then(c("ts")).alias("ts"))
     ctx = _category(_context(ctx.with_columns(ts))).collect()
     rest = _category(
         lines.lazy()

@@ -44,7 +44,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, head, scan_lines
 from .exim import _localize
-from .generic import account, block_lines, byte_blocks, squash_spaces
+from .generic import account, block_lines, byte_blocks, owned_strings, squash_spaces
 
 FORMAT = "powermta"
 
@@ -398,12 +398,6 @@ def _conform(frame: pl.LazyFrame, columns) -> pl.LazyFrame:
     return pl.concat([schema.conform(frame, columns), frame.select("seq")], how="horizontal")
 
 
-def _compact_strings(frame: pl.DataFrame) -> pl.DataFrame:
-    """String columns copied into buffers of their own (a view would keep the file's whole
-    parse alive until the end of the load)."""
-    return frame.with_columns(pl.concat_str([pl.col(c), pl.lit("")]).alias(c) for c, d in frame.schema.items() if d == pl.String)
-
-
 def _block_parts(frame: pl.DataFrame, dedupe: bool, tz: str) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """One block of a file (from :func:`_file_frames`) parsed to the end: its slim per-line
     rows (``seq, file, line_no, category, reason`` and the duplicate-check identity), its attempts (canonical columns plus ``seq``,
@@ -468,7 +462,7 @@ def _block_parts(frame: pl.DataFrame, dedupe: bool, tz: str) -> tuple[pl.DataFra
     )
     connections = _conform(connections, schema.CONNECTION_COLUMNS)
     attempts, connections = pl.collect_all([attempts, connections])
-    return slim, _compact_strings(attempts), _compact_strings(connections)
+    return slim, owned_strings(attempts), owned_strings(connections)
 
 
 def _duplicates(slim: pl.DataFrame) -> pl.Series:
