@@ -35,7 +35,7 @@ import polars.selectors  # noqa: F401
 
 from .. import schema
 from ..sources import SourceFile, scan_lines
-from .generic import account, owned, squash_spaces
+from .generic import account, later_copies, owned, squash_spaces
 
 FORMAT = "exim"
 
@@ -543,17 +543,7 @@ def load(files: list[SourceFile], options) -> "Load":
     # The same line in an earlier file (a file given twice under two names, overlapping
     # rotated copies) is counted once.
     if identity:
-        # Grouping every line by its hashes costs time and memory: only lines whose first
-        # hash occurs more than once can be duplicates, and usually there are none.
-        first = rec.select(pl.col("_h1").is_first_distinct()).to_series()
-        dup = pl.repeat(False, rec.height, eager=True)
-        if not first.all():
-            again = rec["_h1"].filter(~first).unique()
-            cand = rec.select(pl.col("_h1").is_in(again.implode())).to_series()
-            sub = rec.filter(cand).select(pl.col("has_ts") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))).to_series()
-            dup = dup.scatter(cand.arg_true(), sub)
-            del again, cand, sub
-        del first
+        dup = later_copies(rec, pl.col("has_ts"))
         if dup.any():
             rec = rec.with_columns(
                 category=pl.when(dup).then(pl.lit("duplicate", dtype=pl.Categorical)).otherwise(pl.col("category")),

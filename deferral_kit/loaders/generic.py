@@ -376,4 +376,18 @@ def owned_strings(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(owned(pl.col(c)).alias(c) for c, d in frame.schema.items() if d == pl.String)
 
 
-__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches", "byte_blocks", "block_lines", "owned", "owned_strings")
+def later_copies(frame: pl.DataFrame, eligible: pl.Expr) -> pl.Series:
+    """True for a row of ``frame`` (columns ``fidx, _h1, _h2``: the file index and two 64-bit
+    hashes of the line) identical to one in an earlier file, among the ``eligible`` rows.
+    Only rows whose first hash repeats are grouped: usually few or none."""
+    first = frame.select(pl.col("_h1").is_first_distinct()).to_series()
+    dup = pl.repeat(False, frame.height, eager=True)
+    if not first.all():
+        again = frame["_h1"].filter(~first).unique()
+        cand = frame.select(pl.col("_h1").is_in(again.implode())).to_series()
+        sub = frame.filter(cand).select(eligible & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))).to_series()
+        dup = dup.scatter(cand.arg_true(), sub)
+    return dup
+
+
+__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches", "byte_blocks", "block_lines", "owned", "owned_strings", "later_copies")

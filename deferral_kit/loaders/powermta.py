@@ -44,7 +44,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, head, scan_lines
 from .exim import _localize
-from .generic import account, block_lines, byte_blocks, owned_strings, squash_spaces
+from .generic import account, block_lines, byte_blocks, later_copies, owned_strings, squash_spaces
 
 FORMAT = "powermta"
 
@@ -468,14 +468,7 @@ def _block_parts(frame: pl.DataFrame, dedupe: bool, tz: str) -> tuple[pl.DataFra
 def _duplicates(slim: pl.DataFrame) -> pl.Series:
     """True for a record identical to one in an earlier file (by two 64-bit hashes).  Only
     lines whose first hash repeats are grouped (usually few or none)."""
-    first = slim.select(pl.col("_h1").is_first_distinct()).to_series()
-    dup = pl.repeat(False, slim.height, eager=True)
-    if not first.all():
-        again = slim["_h1"].filter(~first).unique()
-        cand = slim.select(pl.col("_h1").is_in(again.implode())).to_series()
-        sub = slim.filter(cand).select(pl.col("_elig") & (pl.col("fidx") > pl.col("fidx").min().over("_h1", "_h2"))).to_series()
-        dup = dup.scatter(cand.arg_true(), sub)
-    return dup
+    return later_copies(slim, pl.col("_elig"))
 
 
 def _attempt_numbers(attempts: pl.DataFrame) -> pl.Series:
