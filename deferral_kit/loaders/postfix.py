@@ -37,17 +37,19 @@ takes ``mx_host``/``mx_ip`` from the host named in the reason.  ``message_key`` 
 of that queue id before the line.  Expiry rows (agent ``qmgr``) have a null ``attempt``:
 they are not tries.  Rows come in line order (files in rotation order), expiry rows last.
 
-Lines are read in blocks of :data:`BATCH_BYTES` (memory-mapped; at most :data:`BATCH_LINES`
-lines), :data:`WORKERS` blocks at a time, and each block's records are written to a
-scratch Parquet file, so memory does not grow with the input while parsing.  Speed comes
-from doing little per line: the header is cut at literal offsets (the capture regex only
-for odd shapes), a block's few dozen syslog tags are parsed once, lines are classified
-with literal and anchored tests, and each kind of line then goes through only its own
-parsing: the record lines (about 15 %) through the field parsing, whose regexes validate
-without captures while the fields are cut at their separators, the context lines through
-theirs, and the rest are counted per tag.  The records are then keyed by integers (a hash
-of host, instance and queue id; the generation from an as-of join on the ``removed``
-lines), and only the final rows get the ``message_key`` string.
+Lines are read in blocks of :data:`BATCH_BYTES` (at most :data:`BATCH_LINES` lines),
+:data:`WORKERS` blocks at a time, and each block's records are written to a scratch Parquet
+file, so memory does not grow with the input while parsing.  Speed comes from doing little
+per line: the header is cut at literal offsets (the capture regex only for odd shapes), a
+block's few dozen syslog tags are parsed and classed once, each line is only tested for
+the shapes its daemon writes (delivery records for delivery agents and qmgr, context for
+qmgr and cleanup, connection events for smtp/lmtp), and each kind of line then goes
+through only its own parsing: the record lines (about 15 %) through the field parsing,
+whose regexes validate without captures while the fields are cut at their separators, the
+context lines through theirs, and the rest are counted in groups whose reasons are worked
+out once.  The records are then keyed by integers (a hash of host, instance and queue id;
+the generation from an as-of join on the ``removed`` lines), and only the final rows get
+the ``message_key`` string.
 """
 
 from __future__ import annotations
@@ -408,17 +410,18 @@ class _Batch:
     examples: pl.DataFrame
 
 
-def _lines(lines: pl.LazyFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str, dup_hashes: pl.DataFrame | None) -> pl.LazyFrame:
-    """Header, instance, daemon and ``kind`` of each line (``line_no, line``)."""
+def _lines(lines: pl.LazyFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str, dup_hashes: pl.DataFrame | None) -> pl.DataFrame:
+    """Header, instance, daemon, ``kind`` and the accounting flags (:func:`_rest_flags`) of
+    each line (``line_no, line``)."""
     hdr = _header(lines, end_year=end_year, last_month=last_month, tz=tz)
-    # A batch has a few dozen distinct tags: each is parsed once, and its fields gathered by
-    # the tag's index (cheaper than a join).
-    progs = _instance_daemon(hdr.lazy().select(pl.col("prog").drop_nulls().unique())).collect()
+    # A batch has a few dozen distinct tags: each is parsed (and classed) once, and its fields
+    # gathered by the tag's index (cheaper than a join).
+    progs = _instance_daemon(hdr.lazy().select(pl.col("prog").drop_nulls().unique())).with_columns(_tag_class()).collect()
     idx = hdr.get_column("prog").cast(pl.Enum(progs.get_column("prog"))).to_physical()
-    lf = hdr.lazy().with_columns(progs.get_column(name).gather(idx) for name in ("instance", "daemon", "egress_ip"))
-    # (the flags the other lines are counted by come from the whole block, in line order:
-    # after a filter the texts would be scattered over the block's buffer)
-    return _kind(_with_dups(lf, fidx, dup_hashes)).with_columns(pl.lit(fidx, pl.Int32).alias("fidx")).with_columns(_rest_flags())
+    df = hdr.with_columns(progs.get_column(name).gather(idx) for name in ("instance", "daemon", "egress_ip", "_cls"))
+    df = _with_dups(df.lazy(), fidx, dup_hashes).collect()
+    kind, tls = _kinds(df)
+    return df.with_columns(kind, tls, pl.lit(fidx, pl.Int32).alias("fidx")).with_columns(_rest_flags()).drop("_cls")
 
 
 def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: int | None, tz: str) -> _Batch:
@@ -435,41 +438,44 @@ def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: i
     # they would be scattered over it, and every later step would wait on memory.
     stamp = owned(c("line").str.head(40)).alias("line")  # all a header's timestamp needs
     rec = lines.lazy().filter(kind.is_in(("delivery", "conn"))).with_columns(owned(c("msg")).alias("msg"), stamp).with_columns(ts)
-    rec = _category(_records_fields(rec)).collect()
+    rec = _records_fields(rec).with_columns(
+        (((kind == "delivery") & c("status").is_in(list(STATUS_OUTCOME))) | ((kind == "conn") & c("event").is_not_null())).fill_null(False).alias("_keep")
+    ).collect()
     ctx = lines.lazy().filter(kind.is_in(_CONTEXT_KINDS))
     # only expiry lines need their time
     ctx = ctx.with_columns(owned(c("msg")).alias("msg"), pl.when(kind == "expired").then(stamp), pl.when(kind == "expired").then(c("ts")).alias("ts"))
-    ctx = _category(_context(ctx.with_columns(ts))).collect()
-    rest = _category(
-        lines.lazy()
-        .filter(~kind.is_in(("delivery", "conn", *_CONTEXT_KINDS)))
-        .group_by("kind", "_prog", "_daemon", "_tls", "_nh")
-        .agg(pl.len().cast(pl.Int64).alias("lines"), c("line_no").bottom_k(EXAMPLES_PER_REASON).alias("_ex"))
-        .rename({"_prog": "prog", "_daemon": "daemon"})
-        .with_columns(pl.lit(None, pl.String).alias("status"), pl.lit(None, pl.String).alias("event"))
-    ).collect()
+    ctx = _context(ctx.with_columns(ts)).collect()
+
+    # Lines are counted in groups (what their category and reason depend on), and the
+    # reasons are worked out per group.
+    def groups(lf: pl.LazyFrame, *by: str | pl.Expr) -> pl.LazyFrame:
+        return lf.group_by(*by).agg(pl.len().cast(pl.Int64).alias("lines"), c("line_no").bottom_k(EXAMPLES_PER_REASON).alias("_ex"))
+
+    none = [pl.lit(None, pl.String).alias(n) for n in ("prog", "daemon", "status", "event")]
+    rest = groups(lines.lazy().filter(~kind.is_in(("delivery", "conn", *_CONTEXT_KINDS))), "kind", "_prog", "_daemon", "_tls", "_nh")
+    rest = rest.rename({"_prog": "prog", "_daemon": "daemon"}).with_columns(none[2:])
+    # (a record's category depends on its status, and on whether its text was recognised)
+    recs = groups(rec.lazy(), "kind", "status", c("event").is_not_null().alias("_ev"))
+    recs = recs.with_columns(none[:2]).with_columns(pl.when(c("_ev")).then(pl.lit("event")).alias("event"))
+    ctxs = groups(ctx.lazy(), "kind").with_columns(none)
+    recs, ctxs = (g.with_columns(pl.lit(False).alias("_tls"), pl.lit(None, pl.String).alias("_nh")) for g in (recs, ctxs))
+    cols = ("kind", "prog", "daemon", "status", "event", "_tls", "_nh", "lines", "_ex")
+    grouped = _category(pl.concat([g.select(cols) for g in (rest, recs, ctxs)])).collect()
 
     acc_cols = [pl.lit(fidx, pl.Int32).alias("fidx"), "category", c("reason").cast(pl.Categorical).alias("acc_reason")]
-    counts = pl.concat(
-        [
-            rest.select(*acc_cols, "lines"),
-            *(f.group_by("category", "reason").agg(pl.len().cast(pl.Int64).alias("lines")).select(*acc_cols, "lines") for f in (rec, ctx)),
-        ]
-    )
+    counts = grouped.group_by("category", "reason", maintain_order=True).agg(c("lines").sum()).select(*acc_cols, "lines")
     shown = c("category").is_in(["malformed", "skipped", "duplicate"])
-    ex_lines = pl.concat(
-        [
-            rest.filter(shown).select(*acc_cols, c("_ex").alias("line_no")).explode("line_no"),
-            rec.filter(shown).group_by("category", "reason").agg(c("line_no").bottom_k(EXAMPLES_PER_REASON)).select(*acc_cols, "line_no").explode("line_no"),
-        ]
+    ex_lines = (
+        grouped.lazy().filter(shown).select("category", "reason", c("_ex").alias("line_no")).explode("line_no")
+        .group_by("category", "reason", maintain_order=True).agg(c("line_no").bottom_k(EXAMPLES_PER_REASON))
+        .explode("line_no").select(*acc_cols, "line_no").collect()
     )
     texts = lines.lazy().filter(c("line_no").is_in(ex_lines["line_no"].implode())).select("line_no", c("line").alias("text")).collect()
     # A copy: the texts are views into the batch's buffer, which they would otherwise keep alive.
     texts = pl.DataFrame({"line_no": texts["line_no"], "text": texts["text"].to_list()}, schema=texts.schema)
     examples = ex_lines.join(texts, on="line_no", how="left")
-    keep = c("category").is_in(["attempt", "connection"])
     return _Batch(
-        records=rec.lazy().filter(keep).select(*_record_columns(_REC_COLS)).collect(),
+        records=rec.lazy().filter(c("_keep")).select(*_record_columns(_REC_COLS)).collect(),
         context=ctx.lazy().select(*_record_columns(_CTX_COLS)).collect(),
         counts=counts,
         examples=examples,
@@ -478,15 +484,13 @@ def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: i
 
 def _rest_flags() -> list[pl.Expr]:
     """What the reason of a line that is neither record nor context depends on, besides its
-    kind and daemon: ``_prog`` (other programs), ``_tls`` (smtp TLS chatter), ``_nh`` (what a
-    line without a syslog header looks like)."""
+    kind, daemon and ``_tls`` (smtp TLS chatter, from :func:`_kinds`): ``_prog`` (other
+    programs) and ``_nh`` (what a line without a syslog header looks like)."""
     kind = pl.col("kind")
     nohdr = pl.when(kind == "nohdr").then(pl.col("line"))
     return [
         pl.when(kind == "other_prog").then(pl.col("prog").str.slice(0, 40)).alias("_prog"),
         pl.when(kind == "other").then(pl.col("daemon")).alias("_daemon"),
-        pl.when((kind == "other") & pl.col("daemon").is_in(("smtp", "lmtp"))).then(pl.col("msg"))
-        .str.contains("TLS connection established", literal=True).fill_null(False).alias("_tls"),
         pl.when(nohdr.str.contains(r"^\s*$")).then(pl.lit("empty"))
         .when(nohdr.str.contains(r"status=|to=<|relay=|dsn=| said: |\(in reply to")).then(pl.lit("fragment"))
         .when(kind == "nohdr").then(pl.lit("nohdr"))
@@ -494,39 +498,89 @@ def _rest_flags() -> list[pl.Expr]:
     ]
 
 
-def _kind(lf: pl.LazyFrame) -> pl.LazyFrame:
-    """``kind`` of each line: dup, nohdr, other_prog, delivery, warning, qmgr_from, expired,
-    removed, message_id, conn or other."""
-    msg = pl.col("msg")
+# Class of a syslog tag (computed once per tag): which message shapes its lines can have.
+_NOT_POSTFIX, _SMTP, _AGENT, _QMGR, _CLEANUP, _OTHER_DAEMON = range(6)
+_KIND_CODE = {name: i for i, name in enumerate(KINDS.categories)}
+_QID_TO_RE = r"^[0-9A-Za-z]+: to="
+# a warning's keyword comes first, or after the queue id
+_WARNING_RE = r"^(?:[0-9A-Za-z]+: )?(?:warning|fatal|error|panic|info): "
+_QMGR_CTX_RE = r"^[0-9A-Za-z]+: (?:from=<[^>]*>, (?:size=\d|status=(?:force-)?expired)|removed$)"
+_MESSAGE_ID_RE = r"^[0-9A-Za-z]+: message-id="
+_CONN_RE = (
+    r"^(?:[0-9A-Za-z]+: )?(?:host \S+ (?:said: |refused to talk to me)|connect to |lost connection with |conversation with "
+    r"|SASL authentication failed|certificate verification failed|SSL_connect error|TLS is required|Server certificate not verified)"
+)
+
+
+def _tag_class() -> pl.Expr:
     daemon = pl.col("daemon")
-    is_pf = pl.col("instance").is_not_null()
-    # Regexes run on masked columns (null elsewhere) so each scans only the lines it concerns.
-    pf_msg = pl.when(is_pf).then(msg)
-    qmgr_msg = pl.when(daemon == "qmgr").then(msg)
-    # a literal test first: the anchored regex then only confirms the few candidate lines
-    # (a column of its own: it is used twice)
-    lf = lf.with_columns(pl.when(is_pf & msg.str.contains(": to=", literal=True)).then(msg).str.contains(r"^[0-9A-Za-z]+: to=").fill_null(False).alias("_deliv"))
-    is_delivery = pl.col("_deliv")
-    smtp_msg = pl.when(daemon.is_in(("smtp", "lmtp")) & ~is_delivery).then(msg)
-    # one pass for qmgr's three context shapes; literal tests then tell them apart
-    qmgr_ctx = qmgr_msg.str.contains(r"^[0-9A-Za-z]+: (?:from=<[^>]*>, (?:size=\d|status=(?:force-)?expired)|removed$)").fill_null(False)
-    # a warning's keyword comes first, or after the queue id: only the start of the text is searched
-    warning = pl.when(pf_msg.str.head(40).str.contains_any(["warning: ", "fatal: ", "error: ", "panic: ", "info: "])).then(msg)
-    lf = lf.with_columns(
-        kind=pl.when(pl.col("_dup")).then(pl.lit("dup"))
-        .when(pl.col("msg").is_null()).then(pl.lit("nohdr"))
-        .when(~is_pf).then(pl.lit("other_prog"))
-        .when(is_delivery & (daemon.is_in(DELIVERY_AGENTS) | (daemon == "qmgr"))).then(pl.lit("delivery"))
-        .when(warning.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:warning|fatal|error|panic|info): ")).then(pl.lit("warning"))
-        .when(pl.when(qmgr_ctx).then(msg).str.ends_with(": removed")).then(pl.lit("removed"))
-        .when(pl.when(qmgr_ctx).then(msg).str.contains(">, size=", literal=True)).then(pl.lit("qmgr_from"))
-        .when(qmgr_ctx).then(pl.lit("expired"))
-        .when(pl.when(daemon == "cleanup").then(msg).str.contains(r"^[0-9A-Za-z]+: message-id=")).then(pl.lit("message_id"))
-        .when(smtp_msg.str.contains(r"^(?:[0-9A-Za-z]+: )?(?:host \S+ (?:said: |refused to talk to me)|connect to |lost connection with |conversation with |SASL authentication failed|certificate verification failed|SSL_connect error|TLS is required|Server certificate not verified)")).then(pl.lit("conn"))
-        .otherwise(pl.lit("other"))
-        .cast(KINDS)
+    return (
+        pl.when(pl.col("instance").is_null()).then(_NOT_POSTFIX)
+        .when(daemon.is_in(("smtp", "lmtp"))).then(_SMTP)
+        .when(daemon.is_in(DELIVERY_AGENTS)).then(_AGENT)
+        .when(daemon == "qmgr").then(_QMGR)
+        .when(daemon == "cleanup").then(_CLEANUP)
+        .otherwise(_OTHER_DAEMON)
+        .cast(pl.UInt8)
+        .alias("_cls")
     )
-    return lf.drop("_deliv")
+
+
+def _kinds(df: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
+    """``kind`` of each line of ``df`` (``msg``, ``_cls``, ``_dup``): dup, nohdr, other_prog,
+    delivery, warning, qmgr_from, expired, removed, message_id, conn or other; and ``_tls``
+    (smtp/lmtp TLS chatter, counted apart).
+
+    The lines are split by the class of their tag, and each part is only tested for the
+    shapes its daemon writes (delivery records for delivery agents and qmgr, context for
+    qmgr and cleanup, connection events for smtp/lmtp): a test costs per row it sees.  The
+    shapes are exclusive (each is anchored on its own keyword), so a line is a warning when
+    it is none of the others."""
+    c = pl.col
+    k = _KIND_CODE
+    msg = c("msg")
+    codes = df.select(
+        pl.when(c("_dup")).then(k["dup"])
+        .when(msg.is_null()).then(k["nohdr"])
+        .when(c("_cls") == _NOT_POSTFIX).then(k["other_prog"])
+        .otherwise(k["other"])
+        .cast(pl.UInt8)
+    ).to_series()
+    live = df.lazy().select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), "msg", "_cls", "_dup").filter(
+        ~c("_dup") & msg.is_not_null() & (c("_cls") != _NOT_POSTFIX)
+    ).drop("_dup")
+    other = pl.lit(k["other"], pl.UInt8)
+    deliv = msg.str.contains(_QID_TO_RE)
+    shapes = {
+        _SMTP: pl.when(deliv).then(k["delivery"]).when(msg.str.contains(_CONN_RE)).then(k["conn"]),
+        _AGENT: pl.when(deliv).then(k["delivery"]),
+        _QMGR: pl.when(deliv).then(k["delivery"]).when(msg.str.contains(_QMGR_CTX_RE)).then(
+            pl.when(msg.str.ends_with(": removed")).then(k["removed"])
+            .when(msg.str.contains(">, size=", literal=True)).then(k["qmgr_from"])
+            .otherwise(k["expired"])
+        ),
+        _CLEANUP: pl.when(msg.str.contains(_MESSAGE_ID_RE)).then(k["message_id"]),
+        _OTHER_DAEMON: None,
+    }
+    parts = []
+    for (cls,), part in live.collect().partition_by("_cls", as_dict=True).items():
+        code = shapes[cls]
+        code = other if code is None else code.otherwise(other).cast(pl.UInt8)
+        part = part.lazy().with_columns(code.alias("_code"))
+        rest = c("_code") == k["other"]
+        part = part.with_columns(
+            pl.when(rest & msg.str.contains(_WARNING_RE)).then(k["warning"]).otherwise(c("_code")).cast(pl.UInt8).alias("_code"),
+            (rest & msg.str.contains("TLS connection established", literal=True)).alias("_tls") if cls == _SMTP else pl.lit(False).alias("_tls"),
+        )
+        parts.append(part.select("_row", "_code", "_tls").collect())
+    if parts:
+        got = pl.concat(parts)
+        codes = codes.scatter(got.get_column("_row"), got.get_column("_code"))
+        tls = pl.repeat(False, df.height, eager=True).scatter(got.get_column("_row"), got.get_column("_tls"))
+    else:
+        tls = pl.repeat(False, df.height, eager=True)
+    kind = pl.Series(KINDS.categories).gather(codes).cast(KINDS).alias("kind")
+    return kind, tls.alias("_tls")
 
 
 def _records_fields(lf: pl.LazyFrame) -> pl.LazyFrame:
@@ -906,7 +960,7 @@ def _work(block: pl.DataFrame, fidx: int, ts_opts: dict, journal: bool, dup_hash
     if journal:
         raw = block.get_column("line").hash().alias("_hash")
         block = journald.to_syslog_lines(block).with_columns(raw)
-    b = _parse_batch(_lines(block.lazy(), fidx, dup_hashes=dup_hashes, **ts_opts).collect(), fidx, **ts_opts)
+    b = _parse_batch(_lines(block.lazy(), fidx, dup_hashes=dup_hashes, **ts_opts), fidx, **ts_opts)
     rec, ctx = out.with_suffix(".rec.parquet"), out.with_suffix(".ctx.parquet")
     b.records.write_parquet(rec, compression="lz4", statistics=False)
     b.context.write_parquet(ctx, compression="lz4", statistics=False)
