@@ -26,6 +26,12 @@ from pathlib import Path
 
 import polars as pl
 
+try:  # ISA-L inflates the same gzip streams about 3x faster than zlib (rotated logs are .gz)
+    from isal import isal_zlib as _inflate
+except ImportError:  # a platform without isal wheels: the standard library's zlib
+    _inflate = zlib
+_INFLATE_ERRORS = (zlib.error,) if _inflate is zlib else (zlib.error, _inflate.error)
+
 
 class InputError(Exception):
     """An input cannot be read: the message names the file and says why."""
@@ -102,7 +108,7 @@ def _opener(sf: SourceFile):
 def _gunzip(src: Path, out: Path) -> None:
     """Decompress gzip (multi-member too) chunk by chunk, so that everything that decompressed
     is on disk before EOFError reports a stream cut short."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    d = _inflate.decompressobj(16 + _inflate.MAX_WBITS)
     fed = False  # has the current member received any input?
     with open(src, "rb") as fin, open(out, "wb") as dst:
         while chunk := fin.read(1 << 20):
@@ -112,7 +118,7 @@ def _gunzip(src: Path, out: Path) -> None:
                 if not d.eof:
                     break
                 chunk = d.unused_data.lstrip(b"\x00")  # next member (or zero padding)
-                d, fed = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+                d, fed = _inflate.decompressobj(16 + _inflate.MAX_WBITS), False
         dst.write(d.flush())
     if fed and not d.eof:
         raise EOFError("compressed file ended before the end-of-stream marker was reached")
@@ -129,7 +135,7 @@ def _decompress(sf: SourceFile) -> Path:
             with _opener(sf) as src, open(out, "wb") as dst:
                 # small chunks: a truncated stream loses at most one chunk
                 shutil.copyfileobj(src, dst, 64 << 10)
-    except (EOFError, zlib.error) as exc:
+    except (EOFError, *_INFLATE_ERRORS) as exc:
         # A truncated archive (a copy cut short, a file still being written): keep what
         # decompressed and say so, rather than losing the whole file.
         if out.stat().st_size == 0:

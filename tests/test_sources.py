@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 import zstandard
 
+from deferral_kit import sources
 from deferral_kit.sources import InputError, compression_of, discover, head, line_batches, rotation_key, scan_lines
 
 
@@ -83,13 +84,28 @@ def test_compression_is_recognised_by_content_not_name(tmp_path):
         assert scan_lines([f]).collect()["line"].to_list() == [payload.decode().rstrip("\n")]
 
 
-def test_multi_member_gzip_is_read_completely(tmp_path):
+@pytest.fixture(params=["isal", "zlib"])
+def inflater(request, monkeypatch):
+    """gzip inflated by ISA-L (the dependency) and by the standard library's zlib (the
+    fallback where isal has no wheel): the same lines and the same problems either way."""
+    if request.param == "zlib":
+        import zlib
+
+        monkeypatch.setattr(sources, "_inflate", zlib)
+        monkeypatch.setattr(sources, "_INFLATE_ERRORS", (zlib.error,))
+    else:
+        assert sources._inflate.__name__ == "isal.isal_zlib"
+    return request.param
+
+
+def test_multi_member_gzip_is_read_completely(tmp_path, inflater):
     p = tmp_path / "mail.log.1.gz"
-    p.write_bytes(gzip.compress(b"one\n") + gzip.compress(b"two\n"))
+    # (zero padding after a member, as some copy tools leave it)
+    p.write_bytes(gzip.compress(b"one\n") + gzip.compress(b"two\n") + b"\x00" * 8)
     assert scan_lines(discover([p])).collect()["line"].to_list() == ["one", "two"]
 
 
-def test_truncated_gzip_keeps_the_decompressed_part_and_records_a_problem(tmp_path):
+def test_truncated_gzip_keeps_the_decompressed_part_and_records_a_problem(tmp_path, inflater):
     lines = [f"line {i} " + "x" * 50 for i in range(5000)]
     data = gzip.compress("\n".join(lines).encode() + b"\n")
     p = tmp_path / "mail.log.2.gz"
@@ -101,7 +117,7 @@ def test_truncated_gzip_keeps_the_decompressed_part_and_records_a_problem(tmp_pa
     assert sf.problems and sf.problems[0].startswith("truncated gzip stream")
 
 
-def test_garbage_with_gzip_magic_is_an_input_error(tmp_path):
+def test_garbage_with_gzip_magic_is_an_input_error(tmp_path, inflater):
     p = tmp_path / "broken.gz"
     p.write_bytes(b"\x1f\x8b" + b"\x00" * 5)
     (sf,) = discover([p])

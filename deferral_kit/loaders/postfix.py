@@ -998,15 +998,16 @@ def load(files: list[SourceFile], options: LoadOptions) -> Load:
     # Each batch is counted for the accounting (with the text of its first lines of each
     # reason) as it is parsed.
     with tempfile.TemporaryDirectory(prefix="deferral_kit_postfix_") as tmp:
-        # Two blocks in flight, one per core: polars releases the GIL, and most steps of one
-        # block run on one core.  Results are taken in block order, so rows keep line order.
+        # Two blocks parsed at once, one per core (polars releases the GIL, and most steps of
+        # one block run on one core), and the next one read meanwhile, so that no core waits
+        # for the reader.  Results are taken in block order, so rows keep line order.
         done: list[tuple[pl.DataFrame, pl.DataFrame, Path, Path]] = []
         with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             pending: deque[Future] = deque()
             for i, (block, fidx, ts_opts, journal) in enumerate(_blocks(files, options)):
                 pending.append(pool.submit(_work, block, fidx, ts_opts, journal, dup_hashes, Path(tmp) / f"{i}"))
                 del block
-                while len(pending) >= WORKERS:
+                while len(pending) > WORKERS:
                     done.append(pending.popleft().result())
             done.extend(f.result() for f in pending)
         if not done:  # only empty files: empty record tables of the right shape
