@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
-import pytest
 import zstandard
 
 from deferral_kit import schema

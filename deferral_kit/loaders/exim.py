@@ -29,6 +29,7 @@ continuation and is joined onto it with a space.  Timestamps without an offset a
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import polars as pl
 import polars.selectors  # noqa: F401
@@ -36,6 +37,9 @@ import polars.selectors  # noqa: F401
 from .. import schema
 from ..sources import SourceFile, scan_lines
 from .generic import account, later_copies, owned, squash_spaces
+
+if TYPE_CHECKING:  # (imported at call time: the package imports this module)
+    from . import Load
 
 FORMAT = "exim"
 
@@ -523,7 +527,7 @@ def _beside(left: pl.DataFrame, right: pl.LazyFrame, on: str) -> pl.DataFrame:
     return left.hstack(got.drop(on))
 
 
-def load(files: list[SourceFile], options) -> "Load":
+def load(files: list[SourceFile], options) -> Load:
     """Parse Exim mainlogs into attempts, connection events and the line accounting."""
     from . import Load
 

@@ -37,6 +37,7 @@ import csv
 import io
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -45,6 +46,9 @@ from ..accounting import Accounting
 from ..sources import SourceFile, head, scan_lines
 from .exim import _localize
 from .generic import account, block_lines, byte_blocks, later_copies, owned_strings, squash_spaces
+
+if TYPE_CHECKING:  # (imported at call time: the package imports this module)
+    from . import Load
 
 FORMAT = "powermta"
 
@@ -485,7 +489,7 @@ def _attempt_numbers(attempts: pl.DataFrame) -> pl.Series:
     return attempt
 
 
-def load(files: list[SourceFile], options) -> "Load":
+def load(files: list[SourceFile], options) -> Load:
     """Parse PowerMTA accounting files into attempts, ``tq`` connection events and the accounting.
 
     One file at a time to the canonical rows (memory: a file's text and fields are dropped
