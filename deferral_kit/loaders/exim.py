@@ -36,7 +36,7 @@ import polars.selectors  # noqa: F401
 
 from .. import schema
 from ..sources import SourceFile, scan_lines
-from .generic import account, later_copies, owned, squash_spaces
+from .generic import account, later_copies, owned, squash_spaces, try_numbers
 
 if TYPE_CHECKING:  # (imported at call time: the package imports this module)
     from . import Load
@@ -686,19 +686,9 @@ def load(files: list[SourceFile], options) -> Load:
         queued_at=pl.coalesce(pl.col("ts") - pl.duration(microseconds=(delay * 1e6).cast(pl.Int64)), pl.col("a_ts")),
         size=pl.coalesce(pl.col("dsize"), pl.col("a_size")),
     )
-    # attempt: the try's rank within its (message, recipient).  Grouping a million rows by two
-    # strings is slow and large; a recipient tried once (the usual case) is try 1, and only
-    # pairs whose hash repeats are ranked.
-    tries = att.select("seq", "message_key", recipient="rcpt").collect()
-    pair = tries.select(pl.struct("message_key", "recipient").hash()).to_series()
-    first = pair.is_first_distinct()
-    attempt = pl.repeat(1, tries.height, dtype=pl.Int32, eager=True)
-    if not first.all():
-        again = pair.is_in(pair.filter(~first).unique().implode())
-        ranked = tries.filter(again).select(pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32)).to_series()
-        attempt = attempt.scatter(again.arg_true(), ranked)
-    # (tries are the attempt rows in the same order: the numbers go beside them)
-    del tries, pair, first
+    # attempt: the try's rank within its (message, recipient); the tries are the attempt rows
+    # in the same order, so the numbers go beside them
+    attempt = try_numbers(att.select("seq", "message_key", recipient="rcpt").collect())
     attempts = attempts.with_columns(attempt=pl.lit(attempt)).with_columns(
         # C="..." on a remote delivery is the reply to the end of the data; a positive errno
         # without a reply is the connection itself failing (Exim logs no stage for either).

@@ -390,4 +390,19 @@ def later_copies(frame: pl.DataFrame, eligible: pl.Expr) -> pl.Series:
     return dup
 
 
-__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches", "byte_blocks", "block_lines", "owned", "owned_strings", "later_copies")
+
+def try_numbers(tries: pl.DataFrame) -> pl.Series:
+    """Each row's try number within its (message_key, recipient), in ``seq`` order (``tries``:
+    ``seq, message_key, recipient``, rows in seq order).  A pair seen once (the usual case) is
+    try 1; only pairs whose hash repeats are ranked, on their real keys: grouping a million
+    rows by two strings is slow and large."""
+    pair = tries.select(pl.struct("message_key", "recipient").hash()).to_series()
+    first = pair.is_first_distinct()
+    attempt = pl.repeat(1, tries.height, dtype=pl.Int32, eager=True)
+    if not first.all():
+        again = pair.is_in(pair.filter(~first).unique().implode())
+        ranked = tries.filter(again).select(pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32)).to_series()
+        attempt = attempt.scatter(again.arg_true(), ranked)
+    return attempt
+
+__all__: Sequence[str] = ("FORMAT", "sniff", "load", "load_mapping", "domain_of", "normalize_host", "reply_code", "reply_enhanced", "number_attempts", "parse_ts", "account", "squash_spaces", "line_batches", "byte_blocks", "block_lines", "owned", "owned_strings", "later_copies", "try_numbers")

@@ -45,7 +45,7 @@ from .. import schema
 from ..accounting import Accounting
 from ..sources import SourceFile, head, scan_lines
 from .exim import _localize
-from .generic import account, block_lines, byte_blocks, later_copies, owned_strings, squash_spaces
+from .generic import account, block_lines, byte_blocks, later_copies, owned_strings, squash_spaces, try_numbers
 
 if TYPE_CHECKING:  # (imported at call time: the package imports this module)
     from . import Load
@@ -475,20 +475,6 @@ def _duplicates(slim: pl.DataFrame) -> pl.Series:
     return later_copies(slim, pl.col("_elig"))
 
 
-def _attempt_numbers(attempts: pl.DataFrame) -> pl.Series:
-    """Each row's try number within its (message_key, recipient), in ``seq`` order (rows are
-    in seq order).  A pair seen once (the usual case) is try 1; only pairs whose hash repeats
-    are ranked, on their real keys."""
-    pair = attempts.select(pl.struct("message_key", "recipient").hash()).to_series()
-    first = pair.is_first_distinct()
-    attempt = pl.repeat(1, attempts.height, dtype=pl.Int32, eager=True)
-    if not first.all():
-        again = pair.is_in(pair.filter(~first).unique().implode())
-        ranked = attempts.filter(again).select(pl.col("seq").rank("ordinal").over("message_key", "recipient").cast(pl.Int32)).to_series()
-        attempt = attempt.scatter(again.arg_true(), ranked)
-    return attempt
-
-
 def load(files: list[SourceFile], options) -> Load:
     """Parse PowerMTA accounting files into attempts, ``tq`` connection events and the accounting.
 
@@ -533,7 +519,7 @@ def load(files: list[SourceFile], options) -> Load:
         del dup
     # Files come in seq order and each file's rows in line order.  The attempt numbers are
     # added file by file (a column of one chunk beside frames of several would copy them all).
-    numbers = _attempt_numbers(pl.concat([t.select("seq", "message_key", "recipient") for t in tried]))
+    numbers = try_numbers(pl.concat([t.select("seq", "message_key", "recipient") for t in tried]))
     offsets = [0]
     for t in tried:
         offsets.append(offsets[-1] + t.height)
