@@ -451,14 +451,15 @@ def _parse_batch(lines: pl.DataFrame, fidx: int, *, end_year: int, last_month: i
     def groups(lf: pl.LazyFrame, *by: str | pl.Expr) -> pl.LazyFrame:
         return lf.group_by(*by).agg(pl.len().cast(pl.Int64).alias("lines"), c("line_no").bottom_k(EXAMPLES_PER_REASON).alias("_ex"))
 
-    none = [pl.lit(None, pl.String).alias(n) for n in ("prog", "daemon", "status", "event")]
+    def nulls(*names: str) -> list[pl.Expr]:
+        return [pl.lit(None, pl.String).alias(n) for n in names]
+
     rest = groups(lines.lazy().filter(~kind.is_in(("delivery", "conn", *_CONTEXT_KINDS))), "kind", "_prog", "_daemon", "_tls", "_nh")
-    rest = rest.rename({"_prog": "prog", "_daemon": "daemon"}).with_columns(none[2:])
+    rest = rest.rename({"_prog": "prog", "_daemon": "daemon"}).with_columns(nulls("status", "event"))
     # (a record's category depends on its status, and on whether its text was recognised)
     recs = groups(rec.lazy(), "kind", "status", c("event").is_not_null().alias("_ev"))
-    recs = recs.with_columns(none[:2]).with_columns(pl.when(c("_ev")).then(pl.lit("event")).alias("event"))
-    ctxs = groups(ctx.lazy(), "kind").with_columns(none)
-    recs, ctxs = (g.with_columns(pl.lit(False).alias("_tls"), pl.lit(None, pl.String).alias("_nh")) for g in (recs, ctxs))
+    recs = recs.with_columns(*nulls("prog", "daemon", "_nh"), pl.when(c("_ev")).then(pl.lit("event")).alias("event"), pl.lit(False).alias("_tls"))
+    ctxs = groups(ctx.lazy(), "kind").with_columns(*nulls("prog", "daemon", "status", "event", "_nh"), pl.lit(False).alias("_tls"))
     cols = ("kind", "prog", "daemon", "status", "event", "_tls", "_nh", "lines", "_ex")
     grouped = _category(pl.concat([g.select(cols) for g in (rest, recs, ctxs)])).collect()
 
@@ -568,11 +569,9 @@ def _kinds(df: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
         code = other if code is None else code.otherwise(other).cast(pl.UInt8)
         part = part.lazy().with_columns(code.alias("_code"))
         rest = c("_code") == k["other"]
-        part = part.with_columns(
-            pl.when(rest & msg.str.contains(_WARNING_RE)).then(k["warning"]).otherwise(c("_code")).cast(pl.UInt8).alias("_code"),
-            (rest & msg.str.contains("TLS connection established", literal=True)).alias("_tls") if cls == _SMTP else pl.lit(False).alias("_tls"),
-        )
-        parts.append(part.select("_row", "_code", "_tls").collect())
+        part = part.with_columns(pl.when(rest & msg.str.contains(_WARNING_RE)).then(k["warning"]).otherwise(c("_code")).cast(pl.UInt8).alias("_code"))
+        tls = rest & msg.str.contains("TLS connection established", literal=True) if cls == _SMTP else pl.lit(False)
+        parts.append(part.select("_row", "_code", tls.alias("_tls")).collect())
     if parts:
         got = pl.concat(parts)
         codes = codes.scatter(got.get_column("_row"), got.get_column("_code"))
