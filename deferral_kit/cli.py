@@ -80,7 +80,11 @@ def _cmd_parse(args) -> int:
     print(f"attempts: {n_att:,} -> {out}")
     print(f"connection events: {n_conn:,} -> {conn_out}")
     if n_att == 0:
-        print(f"error: no delivery attempts found in {', '.join(args.inputs)}", file=sys.stderr)
+        # (per-connection replies alone, e.g. an excerpt without its status= line, are written
+        # but are not tries: say so, so the file beside the output is not a surprise)
+        events = "1 connection event" if n_conn == 1 else f"{n_conn:,} connection events"
+        extra = f" ({events} without a final record written to {conn_out})" if n_conn else ""
+        print(f"error: no delivery attempts found in {', '.join(args.inputs)}{extra}", file=sys.stderr)
         return 2
     return 0
 

@@ -79,6 +79,17 @@ def test_input_without_postfix_lines_is_exit_2(tmp_path, capsys):
     assert "no delivery attempts found" in captured.err
 
 
+def test_connection_events_without_a_final_record_are_written_and_named_in_the_error(realworld, tmp_path, capsys):
+    # a forum excerpt: qmgr from= lines and one "host ... said: 450-4.2.1" reply, the status= line cut off
+    log = realworld / "postfix" / "forums" / "pastebin_T3TtEqcW_gmail_450_4.2.1_host_said.log"
+    out = tmp_path / "a.parquet"
+    assert main(["parse", str(log), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no delivery attempts found" in err and "1 connection event without a final record written to" in err
+    con = pl.read_parquet(tmp_path / "a.connections.parquet")
+    assert con.select("mx_host", "smtp_code", "enhanced_code").row(0) == ("aspmx.l.google.com", 450, "4.2.1")
+
+
 def test_unknown_format_is_exit_2(tmp_path, capsys):
     assert main(["rates", str(SAMPLE / "mail.log.1.gz"), "--format", "qmail"]) == 2
     assert "unknown format 'qmail'" in capsys.readouterr().err
