@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -371,6 +372,21 @@ def test_batches_give_the_same_result_as_one_pass(pf_individual, monkeypatch):
     batched = _load(pf_individual)
     assert batched[0].equals(whole[0]) and batched[1].equals(whole[1])
     assert batched[2].table.equals(whole[2].table) and batched[2].examples.equals(whole[2].examples)
+
+
+def test_many_small_blocks_and_more_workers_give_the_same_tables_as_one_block_per_file(monkeypatch):
+    """The bundled week read in 256 KiB blocks (lines cut at block ends are read again by the
+    next block; queue ids, generations and tries span blocks), three at a time, gives the
+    same attempts, connection events and accounting as whole files, and its truth."""
+    sample = Path(__file__).resolve().parent.parent / "data" / "sample"
+    whole = _load(sample, year=2026)
+    monkeypatch.setattr(postfix, "BATCH_BYTES", 256 << 10)
+    monkeypatch.setattr(postfix, "WORKERS", 3)
+    blocks = _load(sample, year=2026)
+    assert blocks[0].equals(whole[0]) and blocks[1].equals(whole[1])
+    assert blocks[2].table.equals(whole[2].table) and blocks[2].examples.equals(whole[2].examples)
+    truth = json.loads((sample / "truth.json").read_text())
+    assert blocks[0].height == truth["attempts"] and blocks[0].filter(pl.col("outcome") == "expired").height == truth["expired"]
 
 
 @pytest.fixture()
