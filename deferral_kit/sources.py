@@ -239,8 +239,8 @@ def discover(inputs: list[str | os.PathLike]) -> list[SourceFile]:
 
 
 def decompress_all(files: list[SourceFile], *, workers: int = 2) -> None:
-    """Decompress the compressed ones of ``files`` now, ``workers`` at a time (zlib, bz2, lzma
-    and zstd release the GIL), instead of one after the other when each is first read."""
+    """Decompress the compressed ones of ``files`` now, ``workers`` at a time (ISA-L or zlib,
+    bz2, lzma and zstd release the GIL), instead of one after the other when each is first read."""
     todo = [sf for sf in files if sf.compression is not None and sf._readable is None]
     if len(todo) < 2:
         return
