@@ -389,6 +389,23 @@ def test_many_small_blocks_and_more_workers_give_the_same_tables_as_one_block_pe
     assert blocks[0].height == truth["attempts"] and blocks[0].filter(pl.col("outcome") == "expired").height == truth["expired"]
 
 
+
+@pytest.mark.parametrize(
+    ("threads", "workers", "batch_mb"),
+    [(1, 2, 32), (2, 2, 32), (4, 4, 19.2), (8, 8, 96 / 9), (64, 8, 96 / 9)],
+)
+def test_blocks_parsed_at_once_follow_the_core_count_and_the_text_in_flight_stays_bounded(monkeypatch, threads, workers, batch_mb):
+    """One block per thread of polars' pool (at least 2, at most 8), smaller blocks when there
+    are more of them: the text being parsed or read ahead stays about 96 MB."""
+    monkeypatch.setattr(pl, "thread_pool_size", lambda: threads)
+    got_workers, got_batch = postfix._plan()
+    assert got_workers == workers
+    assert got_batch == pytest.approx(batch_mb * (1 << 20), abs=1)
+    assert (got_workers + 1) * got_batch <= 99 << 20
+    monkeypatch.setattr(postfix, "WORKERS", 3)
+    monkeypatch.setattr(postfix, "BATCH_BYTES", 1 << 20)
+    assert postfix._plan() == (3, 1 << 20)
+
 @pytest.fixture()
 def pf_individual(realworld):
     return realworld / "postfix" / "lightmeter_controlcenter" / "individual_files"
