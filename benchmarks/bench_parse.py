@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         n_lines = sum(buf.count(b"\n") for buf in iter(lambda: fh.read(1 << 24), b""))
     print(f"input: {log} ({n_lines:,} lines, {size_mb:,.0f} MB; {meta['messages']:,} messages, {meta['truth_attempts']:,} attempts)")
     print(machine_note())
+    from deferral_kit.loaders import postfix
+
+    workers, batch = postfix._plan()
+    print(f"postfix loader: {workers} blocks parsed at once, {batch / (1 << 20):.1f} MB each (one per thread of polars' pool, 2 to 8)")
 
     exe = Path(sys.executable).with_name("deferral-kit")
     runs = []

@@ -148,7 +148,9 @@ def run(files: list[SourceFile], *, fmt: str, dtype: pl.Struct, classify: Callab
     held, never those of the whole input."""
     # The record hash (for duplicates) is computed inside the streaming plan: hashing a whole
     # struct column at once materialises a row encoding as large as the records.
-    plan = lambda lf: classify(lf).with_columns(pl.col("rec").hash().alias("_hash"))
+    def plan(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return classify(lf).with_columns(pl.col("rec").hash().alias("_hash"))
+
     red, problems = _json.collect_blocks(files, dtype, plan, lambda: _Reduced(rows=rows, dedupe=dedupe, fmt=fmt), _Reduced.take)
     return red.finish(problems)
 
