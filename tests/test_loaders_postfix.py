@@ -389,7 +389,6 @@ def test_many_small_blocks_and_more_workers_give_the_same_tables_as_one_block_pe
     assert blocks[0].height == truth["attempts"] and blocks[0].filter(pl.col("outcome") == "expired").height == truth["expired"]
 
 
-
 @pytest.mark.parametrize(
     ("threads", "workers", "batch_mb"),
     [(1, 2, 32), (2, 2, 32), (4, 4, 19.2), (8, 8, 96 / 9), (64, 8, 96 / 9)],
@@ -405,6 +404,7 @@ def test_blocks_parsed_at_once_follow_the_core_count_and_the_text_in_flight_stay
     monkeypatch.setattr(postfix, "WORKERS", 3)
     monkeypatch.setattr(postfix, "BATCH_BYTES", 1 << 20)
     assert postfix._plan() == (3, 1 << 20)
+
 
 @pytest.fixture()
 def pf_individual(realworld):
